@@ -1,0 +1,1 @@
+"""Headless engine: data, tokenizer, model, training, evaluation, checkpoints, the engine process."""

@@ -1,0 +1,62 @@
+"""The headless command line: `workbench prepare|train|sample|eval|quickstart|...`.
+
+Each subcommand lives in the module that owns the concept; this file only routes.
+A module exposes `add_arguments(parser)` and `run(args) -> int`. User-caused
+failures (`WorkbenchError`, OSError such as a full disk) end in one line on stderr
+and a non-zero exit; nothing else is caught, so bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import sys
+
+from engine.errors import WorkbenchError
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "prepare": ("engine.data.prepare", "clean, filter, dedup and tokenize text into token shards"),
+    "train": ("engine.train_cli", "train a model (or --resume a run, or --init-from a checkpoint)"),
+    "sample": ("engine.sample_cli", "generate text from a run's checkpoint"),
+    "eval": ("engine.evaluate", "validation loss, perplexity, bits per byte and the worst documents"),
+    "quickstart": ("engine.quickstart", "prepare the built-in corpus and train a tiny model"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description="Train small language models end to end.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"error: disk full while writing {e.filename or 'output'}; nothing saved earlier was touched",
+                  file=sys.stderr)
+        else:
+            print(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The run directory: the single source of truth for one run (see ../shared/DESIGN.md).
+
+    runs/<name>/config.toml  events.jsonl  checkpoints/step_NNNNNN/ checkpoints/latest
+                 ratings.jsonl  engine.sock  engine.pid  engine.lock  engine.log
+This module only names paths and does atomic small-file writes; it imports no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file so that readers see the old or the new content, never a half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @classmethod
+    def at(cls, path: str | Path) -> "RunDir":
+        return cls(Path(path))
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    config = property(lambda self: self.root / "config.toml")
+    events = property(lambda self: self.root / "events.jsonl")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    latest_pointer = property(lambda self: self.root / "checkpoints" / "latest")
+    ratings = property(lambda self: self.root / "ratings.jsonl")
+    socket = property(lambda self: self.root / "engine.sock")
+    pid = property(lambda self: self.root / "engine.pid")
+    lock = property(lambda self: self.root / "engine.lock")
+    log = property(lambda self: self.root / "engine.log")
+
+    def exists(self) -> bool:
+        return self.config.is_file()
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint folder, by the `latest` pointer."""
+        try:
+            name = self.latest_pointer.read_text().strip()
+        except FileNotFoundError:
+            return None
+        path = self.checkpoints / name
+        return path if path.is_dir() else None

@@ -1,0 +1,62 @@
+"""Kernels for the transformer: CuPy CUDA kernels and their PyTorch references.
+
+`select(mode, device)` returns the set of ops the model and trainer call:
+    add_rms_norm(x, delta, weight, eps) -> (h, y)
+    rope(q, k, cos, sin) -> (q, k)
+    swiglu(gate, up) -> out
+    linear_cross_entropy(h, weight, targets, ignore_index) -> per-token loss (float32)
+    adamw(param_groups, lr, betas, eps) -> torch.optim.Optimizer
+`mode` is "auto" | "cupy" | "torch": auto uses the CuPy kernels on CUDA when they load,
+else the references; `Ops.reason` says which was chosen and why, for the run's log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from engine.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Ops:
+    name: str  # "torch" or "cupy"
+    reason: str
+    add_rms_norm: Callable
+    rope: Callable
+    swiglu: Callable
+    linear_cross_entropy: Callable
+    adamw: Callable
+
+
+def reference_ops(reason: str) -> Ops:
+    from kernels.adamw import adamw_reference
+    from kernels.linear_cross_entropy import linear_cross_entropy_reference
+    from kernels.rmsnorm import add_rms_norm_reference
+    from kernels.rope import rope_reference
+    from kernels.swiglu import swiglu_reference
+
+    return Ops("torch", reason, add_rms_norm_reference, rope_reference, swiglu_reference,
+               linear_cross_entropy_reference, adamw_reference)
+
+
+def cupy_ops() -> Ops:
+    """The CuPy kernels; raises ImportError/RuntimeError when they cannot load here."""
+    raise RuntimeError("CuPy kernels are not built yet")
+
+
+def select(mode: str, device_type: str) -> Ops:
+    if mode not in ("auto", "cupy", "torch"):
+        raise ConfigError(f"train.kernels must be auto, cupy or torch, got {mode!r}")
+    if mode == "torch":
+        return reference_ops("kernels = \"torch\" in the config")
+    if device_type != "cuda":
+        if mode == "cupy":
+            raise ConfigError("kernels = \"cupy\" needs a CUDA device; use \"auto\" or \"torch\" on the CPU")
+        return reference_ops(f"PyTorch reference ops: the device is {device_type}, not CUDA")
+    try:
+        return cupy_ops()
+    except Exception as e:  # noqa: BLE001 - any load failure falls back under auto
+        if mode == "cupy":
+            raise ConfigError(f"kernels = \"cupy\" but the CuPy kernels cannot load: {e}") from None
+        return reference_ops(f"PyTorch reference ops: CuPy kernels unavailable ({e})")
