@@ -9,6 +9,7 @@ forward+backward, plus 12 * n_layer * d_model * seq_len for attention scores.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 # Dense (no sparsity) peak TFLOP/s by device, bf16 tensor cores and plain fp32.
@@ -106,14 +107,23 @@ def peak_flops(device_name: str, bf16: bool) -> float | None:
     return None
 
 
+def cpu_flops_per_cycle() -> int:
+    """fp32 FLOPs per cycle per core: two FMA units x vector lanes x 2 (AVX-512: 64, AVX2: 32, else 8)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return 32
+    return 64 if "avx512f" in flags else 32 if "avx2" in flags else 8
+
+
 def cpu_peak_flops(threads: int | None = None) -> float:
-    """fp32 peak for this CPU: cores x clock x 32 FLOPs/cycle (two 8-wide AVX2 FMA units)."""
+    """fp32 peak for this CPU: cores x clock x FLOPs per cycle."""
     import psutil
 
     freq = psutil.cpu_freq()
     ghz = (freq.max or freq.current) / 1000 if freq and (freq.max or freq.current) else 2.5
     cores = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    return float(cores) * ghz * 1e9 * 32
+    return float(cores) * ghz * 1e9 * cpu_flops_per_cycle()
 
 
 def recommended_tokens(s: Shape) -> int:
