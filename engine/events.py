@@ -50,17 +50,22 @@ class EventWriter:
                 self._file.close()
 
 
-def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+def read_events(path: str | Path, offset: int = 0,
+                max_bytes: int | None = None) -> tuple[list[dict[str, Any]], int]:
     """Read complete events from byte `offset`; return them and the offset to continue from.
 
     A torn last line (no newline yet) is left for the next call; a line that is
-    not valid JSON (a crash mid-write, then more appends) is skipped.
+    not valid JSON (a crash mid-write, then more appends) is skipped. With
+    `max_bytes`, read about that much (whole lines only) so that replaying a huge
+    history takes bounded memory; call again from the returned offset for more.
     """
     events: list[dict[str, Any]] = []
     try:
         with open(path, "rb") as f:
             f.seek(offset)
-            data = f.read()
+            data = f.read() if max_bytes is None else f.read(max_bytes)
+            if max_bytes is not None and len(data) == max_bytes and b"\n" not in data:
+                data += f.readline()  # one line longer than max_bytes: take it whole
     except FileNotFoundError:
         return events, offset
     end = data.rfind(b"\n")

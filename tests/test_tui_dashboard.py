@@ -1,0 +1,266 @@
+"""Dashboard Pilot tests: replaying a run's history, following a growing events.jsonl, turning
+`crashed` when the engine goes, and, against a real engine on a tiny CPU model, live updates,
+pause/resume, save and stop with confirmation."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_helpers import tiny_raw, workbench, write_toml  # noqa: E402
+from tui_fixtures import make_demo_run  # noqa: E402
+
+from engine.events import EventWriter  # noqa: E402
+from textual.widgets import ContentSwitcher, Label, RichLog  # noqa: E402
+from workbench.screens.dashboard import DashboardScreen  # noqa: E402
+from workbench.screens.standalone import ScreenApp  # noqa: E402
+from workbench.widgets.plots import LossPlot  # noqa: E402
+from workbench.widgets.system import GpuRows  # noqa: E402
+
+
+async def wait_for(pilot, condition, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await pilot.pause(0.1)
+
+
+def status_text(screen: DashboardScreen) -> str:
+    return str(screen.query_one("#status", Label).render())
+
+
+def log_text(screen: DashboardScreen) -> str:
+    return "\n".join(strip.text for strip in screen.query_one("#log", RichLog).lines)
+
+
+def run_dashboard(run: Path, body, size=(80, 24)) -> None:
+    async def main():
+        app = ScreenApp(lambda: DashboardScreen(run))
+        async with app.run_test(size=size) as pilot:
+            screen = app.screen
+            assert isinstance(screen, DashboardScreen)
+            await body(pilot, app, screen)
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- from a fixed history
+
+def test_replays_a_finished_run(tmp_path):
+    run = make_demo_run(tmp_path)
+
+    async def body(pilot, app, screen):
+        await wait_for(pilot, lambda: screen.view is not None and screen.view.n_steps == 300, what="replay")
+        await pilot.pause(0.2)
+        text = status_text(screen)
+        assert "finished" in text and "step 300/300" in text
+        assert screen.query_one("#stat-loss").query_one(".stat-value", Label).render().plain == "3.1732"
+        assert screen.query_one("#stat-val").query_one(".stat-value", Label).render().plain == "3.3033"
+        assert "checkpoint step_000300 saved" in log_text(screen)
+        assert len(screen.query(GpuRows)) == 1  # the fixture has one GPU
+        plot = screen.query_one(LossPlot)
+        assert len(plot.view.steps) == 300 and not plot.by_tokens
+        await pilot.press("t")
+        assert plot.by_tokens and plot.border_title == "loss · tokens"
+        await pilot.press("l")
+        assert screen.query_one("#bottom", ContentSwitcher).current == "samples"
+        # a finished run has no engine: control keys say so in a notification, not a traceback
+        await pilot.press("s")
+        await wait_for(pilot, lambda: any("no engine" in n.message for n in app._notifications),
+                       what="no-engine notification")
+
+    run_dashboard(run, body)
+
+
+def test_long_history_is_downsampled(tmp_path):
+    """A 50k-step history replays quickly and the plot gets a few hundred points, not 50k."""
+    run = tmp_path / "long"
+    run.mkdir()
+    w = EventWriter(run / "events.jsonl")
+    w.emit("state", state="running", max_steps=50_000)
+    for step in range(1, 50_001):
+        w.emit("step", step=step, max_steps=50_000, loss=3 + 1 / step, lr=1e-3, grad_norm=1.0, tokens=step * 64,
+               tokens_per_s=1e4, mfu=None, eta_s=1.0, elapsed_s=step * 0.01)
+    w.emit("state", state="finished")
+    w.close()
+
+    async def body(pilot, app, screen):
+        started = time.monotonic()
+        await wait_for(pilot, lambda: screen.view is not None and screen.view.n_steps == 50_000, what="replay")
+        assert time.monotonic() - started < 10
+        assert len(screen.query_one(LossPlot).view.steps) <= 400
+        assert "step 50000/50000" in status_text(screen)
+
+    run_dashboard(run, body)
+
+
+# ---------------------------------------------------------------- following a live file
+
+def test_chunked_reads_equal_one_whole_read(tmp_path):
+    """The dashboard replays in bounded chunks (read_events max_bytes): same events, same end offset."""
+    from engine.events import read_events
+
+    w = EventWriter(tmp_path / "events.jsonl")
+    for i in range(300):
+        w.emit("log", message="x" * (i * 7))  # some lines longer than a chunk
+    w.close()
+    whole, end = read_events(tmp_path / "events.jsonl")
+    got, offset = [], 0
+    while True:
+        events, new = read_events(tmp_path / "events.jsonl", offset, max_bytes=900)
+        if new == offset:
+            break
+        got, offset = got + events, new
+    assert got == whole and offset == end
+
+
+def hold_engine_lock(run: Path) -> int:
+    """Take the run's engine lock as an engine does (flock + pid file): the run counts as alive."""
+    fd = os.open(run / "engine.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    (run / "engine.pid").write_text(f"{os.getpid()}\n")
+    return fd
+
+
+def test_follows_appended_events_and_turns_crashed_when_the_engine_goes(tmp_path):
+    run = tmp_path / "growing"
+    run.mkdir()
+    (run / "config.toml").write_text("[train]\nmax_steps = 100\n")
+    lock = hold_engine_lock(run)
+    w = EventWriter(run / "events.jsonl")
+    w.emit("state", state="running", max_steps=100)
+    for step in range(1, 11):
+        w.emit("step", step=step, max_steps=100, loss=5.0 - step * 0.1, lr=1e-3, tokens=step * 100)
+
+    async def body(pilot, app, screen):
+        await wait_for(pilot, lambda: screen.view is not None and screen.view.n_steps == 10, what="replay")
+        assert "running" in status_text(screen)
+        for step in range(11, 21):
+            w.emit("step", step=step, max_steps=100, loss=5.0 - step * 0.1, lr=1e-3, tokens=step * 100)
+        await wait_for(pilot, lambda: screen.view.n_steps == 20, timeout=10, what="appended steps")
+        # a torn line (a writer mid-append) is left alone until it is complete
+        with open(run / "events.jsonl", "a") as f:
+            f.write('{"v":1,"t":1.0,"type":"step","step":21,"loss":2.9')
+            f.flush()
+            await pilot.pause(1.2)
+            assert screen.view.n_steps == 20
+            f.write(',"tokens":2100}\n')
+        await wait_for(pilot, lambda: screen.view.n_steps == 21, timeout=10, what="completed line")
+        w.emit("error", message="CUDA out of memory", traceback="Traceback ...")
+        await wait_for(pilot, lambda: any("out of memory" in n.message for n in app._notifications),
+                       timeout=10, what="error notification")
+        assert "Traceback" not in log_text(screen)
+        # the engine dies without a last word: within seconds the run is crashed
+        os.close(lock)
+        t0 = time.monotonic()
+        await wait_for(pilot, lambda: screen.state == "crashed", timeout=10, what="crashed")
+        assert time.monotonic() - t0 < 5  # polled every second; slack for a busy 2-core CI machine
+        assert "crashed" in status_text(screen)
+        assert any("crashed" in n.message for n in app._notifications)
+
+    run_dashboard(run, body)
+    w.close()
+
+
+# ---------------------------------------------------------------- a real engine
+
+@pytest.fixture(scope="module")
+def live_run(tiny_data, tmp_path_factory):
+    """A detached engine training a tiny CPU model for longer than the tests need (stopped after)."""
+    root = tmp_path_factory.mktemp("live")
+    config = write_toml(root / "tiny.toml", tiny_raw(tiny_data, train={"max_steps": 100_000},
+                                                     eval={"interval": 200, "sample_interval": 0},
+                                                     checkpoint={"interval": 500, "keep_last": 2}))
+    run = root / "runs" / "live"
+    done = workbench("train", config, "--run", run, "--detach", timeout=180)
+    assert done.returncode == 0, done.stderr
+    yield run
+    workbench("stop", run, timeout=60)
+    pid = (run / "engine.pid").read_text().strip() if (run / "engine.pid").exists() else None
+    if pid:  # never leave an engine behind
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def test_live_updates_pause_resume_save_and_stop(live_run):
+    async def body(pilot, app, screen):
+        await wait_for(pilot, lambda: screen.state == "running" and screen.view and screen.view.n_steps > 0,
+                       timeout=60, what="a running engine with steps")
+        first = screen.view.latest["step"]
+        await wait_for(pilot, lambda: screen.view.latest["step"] > first + 5, timeout=20, what="live steps")
+        assert f"step {screen.view.latest['step']}" in status_text(screen) or screen.view.latest["step"] > first
+
+        await pilot.press("p")
+        await wait_for(pilot, lambda: screen.state == "paused", timeout=20, what="paused")
+        await pilot.pause(1.0)
+        held = screen.view.latest["step"]
+        await pilot.pause(1.5)
+        assert screen.view.latest["step"] == held, "a paused engine takes no steps"
+        assert "paused" in status_text(screen)
+
+        await pilot.press("p")
+        await wait_for(pilot, lambda: screen.state == "running", timeout=20, what="running again")
+        await wait_for(pilot, lambda: screen.view.latest["step"] > held, timeout=20, what="steps after resume")
+
+        saved, evals, samples = len(screen.view.checkpoints), len(screen.view.val_loss), len(screen.view.samples)
+        await pilot.press("s", "e", "g")  # save, eval now, sample now
+        await wait_for(pilot, lambda: len(screen.view.checkpoints) > saved, timeout=30, what="checkpoint event")
+        await wait_for(pilot, lambda: len(screen.view.val_loss) > evals, timeout=30, what="eval event")
+        await wait_for(pilot, lambda: len(screen.view.samples) > samples, timeout=30, what="sample event")
+        await pilot.press("l")
+        assert f"step {screen.view.samples[-1]['step']}" in str(screen.query_one("#samples-text").render())
+
+        await pilot.press("x")  # stop asks first; "n" keeps training
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "ConfirmScreen", timeout=5, what="confirm")
+        await pilot.press("n")
+        await pilot.pause(1.5)
+        assert screen.state == "running"
+        await pilot.press("x")
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "ConfirmScreen", timeout=5, what="confirm")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: screen.state == "stopped", timeout=60, what="stopped")
+        assert "stopped" in status_text(screen)
+
+    run_dashboard(live_run, body)
+    from engine import client
+
+    assert client.run_state(live_run) == "stopped"
+    assert (live_run / "checkpoints" / "latest").exists()
+
+
+def test_leaving_the_dashboard_never_stops_training_and_kill_9_shows_crashed(live_run):
+    """Resume the stopped run, leave the app (training goes on), come back, kill -9: crashed."""
+    done = workbench("train", "--resume", live_run, "--detach", timeout=180)
+    assert done.returncode == 0, done.stderr
+
+    async def leave(pilot, app, screen):
+        await wait_for(pilot, lambda: screen.state == "running", timeout=60, what="running")
+        await pilot.press("escape")  # leaves the standalone app
+
+    run_dashboard(live_run, leave)
+    from engine import client
+
+    step_then = client.run_summary(live_run)["step"]
+    time.sleep(1.5)
+    assert client.run_state(live_run) == "running"
+    assert client.run_summary(live_run)["step"] > step_then
+
+    async def crash(pilot, app, screen):
+        await wait_for(pilot, lambda: screen.state == "running", timeout=30, what="running")
+        os.kill(int((live_run / "engine.pid").read_text()), signal.SIGKILL)
+        t0 = time.monotonic()
+        await wait_for(pilot, lambda: screen.state == "crashed", timeout=10, what="crashed")
+        assert time.monotonic() - t0 < 5
+        assert any("crashed" in n.message for n in app._notifications)
+
+    run_dashboard(live_run, crash)

@@ -1,0 +1,1 @@
+"""Reusable widgets: plots, sparkline rows and stat panels."""
