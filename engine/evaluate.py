@@ -1,0 +1,158 @@
+"""Validation: loss, perplexity, bits per byte, and the documents the model finds hardest.
+
+The val split is cut into fixed, non-overlapping windows of seq_len tokens (the same
+windows every time, so numbers from different steps and runs compare). Every target
+token gets its own loss; from those:
+  val_loss  the mean over all targets,   val_ppl  exp(val_loss),
+  val_bpb   sum of loss over targets that stand for text (token_bytes > 0, so special
+            tokens are left out) / (ln 2 * their UTF-8 bytes), as nanochat's
+            loss_eval does: it does not depend on the tokenizer, so any two runs compare.
+Per document (val_docs: start, token count), the same ratio ranks the worst documents.
+
+CLI: `workbench eval RUN [--checkpoint NAME] [--worst N] [--max-batches N] [--json]`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+LN2 = math.log(2)
+
+
+def val_windows(n_tokens: int, seq_len: int, batch_size: int, max_batches: int) -> tuple[int, int]:
+    """(number of windows, window length) for a val split; max_batches 0 = all of it."""
+    length = min(seq_len, n_tokens - 1)
+    if length < 1:
+        return 0, 0
+    windows = (n_tokens - 1) // length
+    if max_batches:
+        windows = min(windows, max_batches * batch_size)
+    return windows, length
+
+
+def token_losses(model, val: np.ndarray, batch_size: int, seq_len: int, max_batches: int,
+                 device) -> np.ndarray:
+    """Loss of every target in the evaluated windows: element j is the loss of predicting val[j + 1]."""
+    import torch
+
+    windows, length = val_windows(len(val), seq_len, batch_size, max_batches)
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for first in range(0, windows, batch_size):
+                starts = np.arange(first, min(first + batch_size, windows)) * length
+                chunk = np.asarray(val[starts[:, None] + np.arange(length + 1)], dtype=np.int64)
+                chunk = torch.from_numpy(chunk).to(device.device)
+                with device.autocast():
+                    loss = model(chunk[:, :-1], chunk[:, 1:])
+                out.append(loss.float().cpu().numpy().reshape(-1))
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def summarize(losses: np.ndarray, val: np.ndarray, token_bytes: np.ndarray) -> dict:
+    """val_loss, val_ppl and val_bpb from per-target losses (see the module docstring)."""
+    n = len(losses)
+    if n == 0:
+        return {"val_loss": None, "val_ppl": None, "val_bpb": None, "tokens": 0}
+    nbytes = token_bytes[np.asarray(val[1:n + 1], dtype=np.int64)]
+    text = nbytes > 0
+    mean = float(losses.mean(dtype=np.float64))
+    total_bytes = int(nbytes[text].sum())
+    bpb = float(losses[text].sum(dtype=np.float64) / (LN2 * total_bytes)) if total_bytes else None
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_bpb": bpb, "tokens": n}
+
+
+def worst_documents(losses: np.ndarray, val: np.ndarray, token_bytes: np.ndarray, val_docs: np.ndarray,
+                    sources: list[dict], n: int) -> list[dict]:
+    """The `n` fully evaluated val documents with the highest bits per byte."""
+    if n <= 0 or len(losses) == 0:
+        return []
+    nbytes = token_bytes[np.asarray(val[1:len(losses) + 1], dtype=np.int64)].astype(np.float64)
+    text_loss = np.where(nbytes > 0, losses.astype(np.float64), 0.0)
+    cum_loss = np.concatenate([[0.0], np.cumsum(text_loss)])
+    cum_bytes = np.concatenate([[0.0], np.cumsum(nbytes)])
+    starts, counts = val_docs[:, 0], val_docs[:, 1]
+    # A document's targets are val[start .. start+count-1], i.e. losses[start-1 .. start+count-2].
+    lo = np.maximum(starts - 1, 0)
+    hi = starts + counts - 1
+    covered = hi <= len(losses)
+    lo, hi = lo[covered], hi[covered]
+    doc_bytes = cum_bytes[hi] - cum_bytes[lo]
+    doc_bpb = np.where(doc_bytes > 0, (cum_loss[hi] - cum_loss[lo]) / (LN2 * np.maximum(doc_bytes, 1)), -1.0)
+    index = np.flatnonzero(covered)
+    order = np.argsort(-doc_bpb, kind="stable")[:n]
+    out = []
+    for k in order:
+        if doc_bpb[k] < 0:
+            break
+        i = int(index[k])
+        src = sources[i] if i < len(sources) else {}
+        out.append({"doc": i, "source": src.get("source", "?"), "preview": src.get("preview", ""),
+                    "bpb": float(doc_bpb[k]), "bytes": int(doc_bytes[k]), "tokens": int(counts[i])})
+    return out
+
+
+def evaluate(model, dataset, batch_size: int, seq_len: int, max_batches: int, device, worst: int = 0) -> dict:
+    """Everything above in one pass over the val windows."""
+    losses = token_losses(model, dataset.val, batch_size, seq_len, max_batches, device)
+    result = summarize(losses, dataset.val, dataset.token_bytes)
+    if worst:
+        result["worst_docs"] = worst_documents(losses, dataset.val, dataset.token_bytes, dataset.val_docs,
+                                               dataset.val_sources(), worst)
+    return result
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run", help="run folder (runs/NAME)")
+    parser.add_argument("--checkpoint", help="checkpoint name (default: the latest), e.g. step_000300")
+    parser.add_argument("--worst", type=int, default=None, metavar="N",
+                        help="show the N val documents with the highest bits per byte (default: eval.worst_docs)")
+    parser.add_argument("--max-batches", type=int, default=0, metavar="N",
+                        help="evaluate at most N batches (default 0: the whole val split)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args) -> int:
+    from engine.errors import ConfigError
+    from engine.checkpoint import open_run_model
+
+    if args.max_batches < 0 or (args.worst is not None and args.worst < 0):
+        raise ConfigError("--max-batches and --worst must not be negative")
+    from engine.control_cli import live_eval  # a running engine evaluates its current weights
+
+    if (done := live_eval(args)) is not None:
+        return done
+    loaded = open_run_model(args.run, args.checkpoint, need_data=True)
+    cfg = loaded.cfg
+    worst = cfg.eval.worst_docs if args.worst is None else args.worst
+    result = evaluate(loaded.model, loaded.dataset, cfg.train.batch_size, cfg.model.seq_len,
+                      args.max_batches, loaded.device, worst=worst)
+    result["checkpoint"] = str(loaded.checkpoint)
+    result["step"] = loaded.state.get("step")
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"run {args.run}, checkpoint {Path(loaded.checkpoint).name} (step {result['step']})")
+    if not result["tokens"]:
+        print("the val split is too short to evaluate")
+        return 0
+    bpb = "n/a" if result["val_bpb"] is None else f"{result['val_bpb']:.4f}"
+    print(f"val loss {result['val_loss']:.4f} | perplexity {result['val_ppl']:.2f} | "
+          f"bits per byte {bpb} | {result['tokens']:,} tokens")
+    docs = result.get("worst_docs") or []
+    if docs:
+        print(f"worst {len(docs)} validation documents by bits per byte:")
+        for d in docs:
+            preview = " ".join(d["preview"].split())[:60]
+            print(f"  {d['bpb']:6.3f} bpb  {d['bytes']:>7,} bytes  {d['source']}  {preview!r}")
+    return 0

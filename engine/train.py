@@ -1,0 +1,454 @@
+"""The training loop, shared by the foreground CLI and the detached engine process.
+
+    state = train(run_dir, cfg, resume=False, init_from=None, control=None, echo=print)
+
+Everything the loop does is written as events to the run's events.jsonl (see
+engine.events); `echo` also prints them, one line each, in the foreground.
+
+Exact resume needs no data-loader state: the batch of optimizer step s, micro-step m is
+a pure function of (seed, s, m) -- numpy's default_rng([seed, s, m]) picks the window
+starts in the train memmap -- so a run resumed from step s sees exactly the batches an
+uninterrupted run would. Weights, AdamW moments, step, token count and every RNG state
+come back from the checkpoint, so on the CPU a resumed run is bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from engine import checkpoint
+from engine import config as config_mod
+from engine.config import RunConfig
+from engine.control import Control
+from engine.dataset import Dataset
+from engine.device import device_info, format_mfu
+from engine.errors import ConfigError, DataError, WorkbenchError
+from engine.estimates import human
+from engine.events import EventWriter
+from engine.model import GPT
+from engine.rundir import RunDir, atomic_write_bytes, atomic_write_text
+from kernels import select
+
+MAX_BAD_STEPS = 3  # non-finite steps in a row before rolling back to the last checkpoint
+MAX_ROLLBACKS = 5  # then give up: lowering the lr again and again is not going to help
+
+
+def get_batch(data: np.ndarray, seed: int, step: int, micro: int, batch_size: int,
+              seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets (batch_size, seq_len) int64 for (step, micro): a pure function of its arguments."""
+    rng = np.random.default_rng([seed, step, micro])
+    starts = rng.integers(0, len(data) - seq_len, size=batch_size)
+    chunk = np.asarray(data[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int64)
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then decay to lr * min_lr_ratio."""
+    o, max_steps = cfg.optim, cfg.train.max_steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    min_lr = o.lr * o.min_lr_ratio
+    progress = min(1.0, (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps))
+    if o.decay == "cosine":
+        return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (o.lr - min_lr)
+    if o.decay == "linear":
+        return o.lr - progress * (o.lr - min_lr)
+    return o.lr
+
+
+# --- foreground printing ----------------------------------------------------------------------
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    h, m = divmod(s, 3600)
+    return f"{h}:{m // 60:02d}:{m % 60:02d}" if h else f"{m // 60}:{m % 60:02d}"
+
+
+def format_event(event: dict[str, Any]) -> str | None:
+    """One human line for an event (the foreground view and `workbench attach`); None to hide it."""
+    kind = event.get("type")
+    if kind == "step":
+        tps = event.get("tokens_per_s") or 0
+        return (f"step {event['step']}/{event['max_steps']} | loss {event['loss']:.4f} | lr {event['lr']:.2e} | "
+                f"gnorm {event['grad_norm']:.2f} | {human(tps)} tok/s | MFU {format_mfu(event.get('mfu'))} | "
+                f"ETA {_duration(event.get('eta_s'))}")
+    if kind == "eval":
+        bpb = event.get("val_bpb")
+        return (f"eval step {event['step']} | val loss {event['val_loss']:.4f} | ppl {event['val_ppl']:.2f} | "
+                f"bpb {'n/a' if bpb is None else f'{bpb:.4f}'}")
+    if kind == "sample":
+        return f"sample step {event['step']}: {event.get('prompt', '')!r} -> {event.get('text', '')!r}"
+    if kind == "checkpoint":
+        return f"saved {event['path']}"
+    if kind == "state":
+        return f"state: {event['state']}"
+    if kind == "log":
+        return event["message"]
+    if kind == "error":
+        return f"error: {event['message']}"
+    return None
+
+
+def write_run_files(run: RunDir, cfg: RunConfig, tokenizer) -> None:
+    """config.toml (the resolved config) and a copy of the tokenizer, so the run can be
+    sampled even after its data moved. config.toml is written last: it marks a run as existing."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run.root / "tokenizer.model", tokenizer.model_bytes)
+    atomic_write_text(run.root / "tokenizer.json", json.dumps(tokenizer.meta(), indent=2) + "\n")
+    atomic_write_text(run.config, config_mod.to_toml(cfg))
+
+
+class Trainer:
+    """One run's training: model, optimizer, data, schedule, checkpoints and events.
+
+    The attributes and methods a Control may use are listed in engine.control.
+    """
+
+    def __init__(self, run_dir: str | Path, cfg: RunConfig | None = None, *, resume: bool = False,
+                 init_from: str | Path | None = None, control: Control | None = None,
+                 echo: Callable[[str], Any] | None = print):
+        self.rundir = RunDir.at(run_dir)
+        if cfg is None:  # resuming: the run's own config
+            if not self.rundir.exists():
+                raise ConfigError(f"no run at {run_dir} (no config.toml there)")
+            cfg = config_mod.load(self.rundir.config)
+        self.cfg = cfg
+        self.resume, self.init_from = resume, init_from
+        self.control = control or Control()
+        self._echo = echo
+        self.events = EventWriter(self.rundir.events, echo=self._print_event if echo else None)
+        self.step = 0
+        self.tokens = 0
+        self.elapsed_s = 0.0
+        self.lr_scale = 1.0
+        self.stop_requested = False
+        self._stop_signal: str | None = None
+        self.last_eval: dict[str, Any] | None = None
+        self.last_loss: float | None = None
+        self._bad_steps = 0
+        self._rollbacks = 0
+
+    @property
+    def max_steps(self) -> int:
+        return self.cfg.train.max_steps
+
+    def _print_event(self, event: dict) -> None:
+        line = format_event(event)
+        if line is not None:
+            self._echo(line)
+
+    def log(self, message: str) -> None:
+        self.events.emit("log", message=message)
+
+    def emit_state(self, state: str) -> None:
+        self.events.emit("state", state=state)
+
+    # --- setup -----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.dataset = Dataset.open(cfg.data.path)
+        tok = self.dataset.tokenizer
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = tok.vocab_size
+        elif cfg.model.vocab_size < tok.vocab_size:
+            raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"{tok.vocab_size}; set it to 0 to take the tokenizer's")
+        if len(self.dataset.train) <= cfg.model.seq_len:
+            raise DataError(f"the train split has {len(self.dataset.train)} tokens, not more than model.seq_len "
+                            f"{cfg.model.seq_len}; use a shorter seq_len or more data")
+        self.device = device_info(cfg.train)
+        self.ops = select(cfg.train.kernels, self.device.type)
+        torch.manual_seed(cfg.train.seed)
+        self.model = GPT(cfg.model, self.ops).to(self.device.device)
+        self.optimizer = self.ops.adamw(self.model.param_groups(cfg.optim.weight_decay), cfg.optim.lr,
+                                        (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps,
+                                        fused=self.device.type == "cuda")
+        self.params = [p for p in self.model.parameters()]
+        self.flops_per_token = self.model.flops_per_token()
+        if not self.rundir.exists():
+            write_run_files(self.rundir, cfg, tok)
+        checkpoint.clean_temporaries(self.rundir)
+        self.log(f"kernels: {self.ops.name} ({self.ops.reason})")
+        peak = "unknown peak (MFU n/a)" if not self.device.peak_flops else f"peak {human(self.device.peak_flops)}FLOP/s"
+        self.log(f"device: {self.device.name}, {str(self.device.dtype).removeprefix('torch.')}, {peak}")
+        self.log(f"model: {human(self.model.num_params())} parameters, {human(self.flops_per_token)}FLOPs/token, "
+                 f"~{human(self.model.memory_estimate(cfg.train.batch_size, self.device.bf16))}B to train; "
+                 f"data: {human(len(self.dataset.train))} train / {human(len(self.dataset.val))} val tokens")
+        if self.resume:
+            latest = self.rundir.latest_checkpoint()
+            if latest is None:
+                self.log("no checkpoint yet: starting from step 0")
+            else:
+                self._load(latest, optimizer=True)
+                self.log(f"resumed from {latest.relative_to(self.rundir.root)} at step {self.step}")
+        elif self.init_from:
+            ckpt = checkpoint.resolve(self.init_from)
+            checkpoint.load_model(ckpt, self.model, tok.sha256)
+            self.log(f"initialised weights from {ckpt} (fresh optimizer, step 0)")
+        self.train_model = self.model
+        if cfg.train.compile:
+            self.log("torch.compile: the first step compiles the model (a minute or more); later steps are faster")
+            self.train_model = torch.compile(self.model)
+
+    def _load(self, ckpt: Path, optimizer: bool) -> dict:
+        state = checkpoint.load_model(ckpt, self.model, self.dataset.tokenizer.sha256)
+        if optimizer:
+            checkpoint.load_optimizer(ckpt, self.model, self.optimizer, state)
+        self.step = int(state["step"])
+        self.tokens = int(state.get("tokens", 0))
+        self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        metrics = state.get("metrics", {})
+        if metrics.get("val_loss") is not None:
+            self.last_eval = {"step": metrics.get("val_step"), "val_loss": metrics["val_loss"],
+                              "val_bpb": metrics.get("val_bpb")}
+        if "rng" in state:
+            checkpoint.restore_rng(state["rng"])
+        return state
+
+    # --- the pieces a Control can call ------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        ev = self.last_eval if self.last_eval and self.last_eval.get("step") == self.step else {}
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "lr_scale": self.lr_scale,
+            "rng": checkpoint.capture_rng(),
+            "data_position": {"scheme": "numpy default_rng([seed, step, micro_step]) window starts",
+                              "seed": self.cfg.train.seed, "next_step": self.step},
+            "config": self.cfg.to_dict(),
+            "config_hash": self.cfg.hash(),
+            "tokenizer_sha256": self.dataset.tokenizer.sha256,
+            "metrics": {"train_loss": self.last_loss, "val_loss": ev.get("val_loss"),
+                        "val_bpb": ev.get("val_bpb"), "val_step": ev.get("step")},
+            "saved_at": time.time(),
+        }
+        path = checkpoint.save(self.rundir, self.model, self.optimizer, state,
+                               self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best)
+        self.events.emit("checkpoint", step=self.step, path=str(path.relative_to(self.rundir.root)),
+                         val_loss=ev.get("val_loss"))
+        return path
+
+    def run_eval(self) -> dict:
+        from engine.evaluate import evaluate
+
+        e = self.cfg.eval
+        result = evaluate(self.model, self.dataset, self.cfg.train.batch_size, self.cfg.model.seq_len,
+                          e.max_batches, self.device)
+        if result["val_loss"] is None:
+            self.log("the val split is too short to evaluate")
+            return result
+        self.last_eval = {"step": self.step, **result}
+        self.events.emit("eval", step=self.step, val_loss=result["val_loss"], val_ppl=result["val_ppl"],
+                         val_bpb=result["val_bpb"])
+        return self.last_eval
+
+    def sample(self, prompt: str = "", max_tokens: int = 64, temperature: float = 0.8, top_k: int | None = 0,
+               top_p: float = 1.0, seed: int | None = None) -> str:
+        """Generate text from the current weights (emits a `sample` event) and return it."""
+        tok = self.dataset.tokenizer
+        ids = [tok.bos_id] + tok.encode(prompt)
+        self.model.eval()
+        try:
+            with self.device.autocast():
+                out = self.model.generate(ids, max_tokens, temperature=temperature, top_k=top_k or 0,
+                                          top_p=top_p, stop_ids=[tok.end_id], seed=seed)
+        finally:
+            self.model.train()
+        text = tok.decode(out)
+        self.events.emit("sample", step=self.step, prompt=prompt, text=text)
+        return text
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = get_batch(self.dataset.train, self.cfg.train.seed, step, micro,
+                         self.cfg.train.batch_size, self.cfg.model.seq_len)
+        dev = self.device.device
+        if dev.type == "cuda":
+            return (torch.from_numpy(x).pin_memory().to(dev, non_blocking=True),
+                    torch.from_numpy(y).pin_memory().to(dev, non_blocking=True))
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def train_step(self) -> tuple[float, float, float, bool]:
+        """One optimizer step (with gradient accumulation); returns (loss, grad norm, lr, applied)."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg) * self.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = cfg.train.grad_accum
+        loss_sum = torch.zeros((), device=self.device.device)
+        for micro in range(accum):
+            x, y = self._batch(self.step, micro)
+            with self.device.autocast():
+                loss = self.train_model(x, y).mean()
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        # The one host sync per step: needed to skip a non-finite step before it touches the weights.
+        loss_value, norm_value = torch.stack([loss_sum / accum, grad_norm.float()]).tolist()
+        applied = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += accum * cfg.train.batch_size * cfg.model.seq_len
+        return loss_value, norm_value, lr, applied
+
+    def _handle_bad_step(self, loss: float, norm: float) -> None:
+        self._bad_steps += 1
+        self.log(f"step {self.step}: non-finite loss ({loss}) or grad norm ({norm}); optimizer step skipped "
+                 f"({self._bad_steps} in a row)")
+        if self._bad_steps < MAX_BAD_STEPS:
+            return
+        latest = self.rundir.latest_checkpoint()
+        if latest is None or self._rollbacks >= MAX_ROLLBACKS:
+            why = "before the first checkpoint" if latest is None else f"after {self._rollbacks} rollbacks"
+            raise WorkbenchError(f"training diverged (non-finite loss {MAX_BAD_STEPS} steps in a row) {why}; "
+                                 "lower optim.lr or raise optim.warmup_steps")
+        scale = self.lr_scale * 0.5
+        self._load(latest, optimizer=True)
+        self.lr_scale = scale
+        self._rollbacks += 1
+        self._bad_steps = 0
+        self.log(f"rolled back to {latest.name} after {MAX_BAD_STEPS} non-finite steps; "
+                 f"lr scale lowered to {scale:g}")
+
+    def _due(self, interval: int) -> bool:
+        return interval > 0 and self.step % interval == 0
+
+    def _loop(self) -> str:
+        cfg = self.cfg
+        tokens_per_step = cfg.train.grad_accum * cfg.train.batch_size * cfg.model.seq_len
+        self.control.poll(self)
+        # Throughput counts only train_step time; evals and checkpoints add to elapsed_s, and time
+        # inside control.poll (a pause) counts nowhere.
+        window_time, window_losses = 0.0, []
+        while self.step < self.max_steps and not self.stop_requested:
+            t0 = time.perf_counter()
+            loss, norm, lr, applied = self.train_step()
+            step_time = time.perf_counter() - t0
+            self.elapsed_s += step_time
+            if not applied:
+                self._handle_bad_step(loss, norm)
+                window_time, window_losses = 0.0, []
+            else:
+                self._bad_steps = 0
+                self.last_loss = loss
+                window_time += step_time
+                window_losses.append(loss)
+                if len(window_losses) >= cfg.train.log_interval or self.step >= self.max_steps:
+                    seconds_per_step = window_time / len(window_losses)
+                    tps = tokens_per_step / max(seconds_per_step, 1e-9)
+                    self.events.emit(
+                        "step", step=self.step, max_steps=self.max_steps,
+                        loss=float(np.mean(window_losses)), lr=lr, grad_norm=norm, tokens=self.tokens,
+                        tokens_per_s=round(tps, 1), mfu=self.device.mfu(self.flops_per_token, tps),
+                        eta_s=round((self.max_steps - self.step) * seconds_per_step, 1),
+                        elapsed_s=round(self.elapsed_s, 2))
+                    window_time, window_losses = 0.0, []
+            t1 = time.perf_counter()
+            if self._due(cfg.eval.interval) and self.step < self.max_steps:
+                self.run_eval()
+            if self._due(cfg.eval.sample_interval):
+                self._periodic_sample()
+            if self._due(cfg.checkpoint.interval) and self.step < self.max_steps:
+                self.save_checkpoint()
+            self.elapsed_s += time.perf_counter() - t1
+            self.control.poll(self)
+        if self.stop_requested and self.step < self.max_steps:
+            if self._stop_signal:
+                self.log(f"{self._stop_signal} received: stopping at step {self.step} with a checkpoint")
+            self.save_checkpoint()
+            return "stopped"
+        if self.last_eval is None or self.last_eval.get("step") != self.step:
+            self.run_eval()
+        self.save_checkpoint()
+        return "finished"
+
+    def _periodic_sample(self) -> None:
+        e = self.cfg.eval
+        # Seeded by (seed, step): the same sample after a resume, and no global RNG consumed.
+        self.sample(e.sample_prompt, e.sample_tokens, temperature=0.8, top_k=0, top_p=0.95,
+                    seed=self.cfg.train.seed * 1_000_003 + self.step)
+
+    def run(self, handle_signals: bool = True) -> str:
+        """Set up, train to max_steps (or a stop), write the final checkpoint; return the final state."""
+        self.emit_state("starting")
+        try:
+            with self._signals(handle_signals):
+                self.setup()
+                if self.step >= self.max_steps:
+                    self.log(f"already at step {self.step} of {self.max_steps}: nothing to train "
+                             "(pass --max-steps to go further)")
+                    final = "finished"
+                else:
+                    self.emit_state("running")
+                    final = self._loop()
+        except KeyboardInterrupt:
+            # A second Ctrl-C (the first asks for a clean stop): the weights may be mid-update, so no save.
+            latest = self.rundir.latest_checkpoint()
+            self.log(f"interrupted; not saving a half-finished step (last checkpoint: "
+                     f"{latest.name if latest else 'none'})")
+            self.emit_state("stopped")
+            self.events.close()
+            raise
+        except BaseException as e:
+            self.events.emit("error", message=str(e) or type(e).__name__, traceback=traceback.format_exc())
+            self.emit_state("crashed")
+            self.events.close()
+            raise
+        self.emit_state(final)
+        self.events.close()
+        return final
+
+    @contextmanager
+    def _signals(self, enabled: bool):
+        """SIGTERM and a first Ctrl-C ask for a clean stop (checkpoint, state `stopped`); a second Ctrl-C interrupts."""
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            # Only flags here: writing an event from a signal handler could deadlock on the writer's lock.
+            if signum == signal.SIGINT and self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self._stop_signal = signal.Signals(signum).name
+
+        # Only where nobody else (the detached engine) installed handlers of their own.
+        defaults = (signal.SIG_DFL, signal.default_int_handler)
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)
+                    if signal.getsignal(s) in defaults}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def train(run_dir: str | Path, cfg: RunConfig | None = None, *, resume: bool = False, init_from: str | Path | None = None,
+          control: Control | None = None, echo: Callable[[str], Any] | None = print,
+          handle_signals: bool = True) -> str:
+    """Train the run in `run_dir` and return its final state: finished or stopped (or raise after `crashed`).
+
+    A new run's folder gets config.toml and the tokenizer copy on the way (see write_run_files);
+    `cfg=None` (with resume) reads the run's own config.toml."""
+    return Trainer(run_dir, cfg, resume=resume, init_from=init_from, control=control, echo=echo).run(handle_signals)

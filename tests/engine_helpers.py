@@ -1,0 +1,73 @@
+"""Helpers for the engine tests: a tiny run config and the real `workbench` command in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from engine import config as config_mod
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Two layers, 32 wide, 32 tokens of context: a training step takes a few milliseconds on one core.
+TINY = {
+    "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 32},
+    "optim": {"lr": 3e-3, "warmup_steps": 4, "min_lr_ratio": 0.1},
+    "train": {"batch_size": 4, "max_steps": 20, "device": "cpu", "log_interval": 1, "seed": 7},
+    "eval": {"interval": 10, "max_batches": 2, "sample_interval": 0, "worst_docs": 3},
+    "checkpoint": {"interval": 10, "keep_last": 2},
+}
+
+
+def tiny_raw(data: Path | str | None = None, **sections: dict) -> dict:
+    raw = json.loads(json.dumps(TINY))
+    if data is not None:
+        raw["data"] = {"path": str(data)}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def tiny_config(data: Path | str, **sections: dict) -> config_mod.RunConfig:
+    return config_mod.from_dict(tiny_raw(data, **sections))
+
+
+def write_toml(path: Path, raw: dict) -> Path:
+    lines = []
+    for section, values in raw.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def workbench(*args: str, cwd: Path | None = None, timeout: float = 120, **popen) -> subprocess.CompletedProcess:
+    """Run the real command line (`python -m workbench.cli ...`) and wait for it."""
+    return subprocess.run([sys.executable, "-m", "workbench.cli", *map(str, args)], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def workbench_popen(*args: str, cwd: Path | None = None, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "workbench.cli", *map(str, args)], cwd=cwd, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["OMP_NUM_THREADS"] = "1"  # two busy cores: one thread per process keeps the tests predictable
+    return env
+
+
+def events_of(run: Path, kind: str | None = None) -> list[dict]:
+    from engine.events import read_events
+
+    events, _ = read_events(Path(run) / "events.jsonl")
+    return [e for e in events if kind is None or e["type"] == kind]
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in events_of(run, "step")}
