@@ -1,0 +1,286 @@
+"""Every way the TUI starts engine work.
+
+Heavy work (preparation, training, sampling) runs in child processes of
+`python -m engine ...`, so the TUI process never imports torch; a running engine
+is talked to through `engine.client`. Each function here blocks: call it from a
+thread worker, never from the UI thread. Failures raise `EngineCallError` with
+the engine's own one-line message (`error: ...`), ready for a notification.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from engine.errors import WorkbenchError
+from engine.rundir import RunDir, atomic_write_text
+
+# A detached start returns once the engine is up; a cold torch import on a busy
+# 2-core machine can take a while, so this is generous.
+START_TIMEOUT_S = 180.0
+
+
+class EngineCallError(Exception):
+    """An engine command failed; the message is one line meant for the user."""
+
+
+def engine_env() -> dict[str, str]:
+    """The environment for engine subprocesses: this checkout's packages importable from any cwd."""
+    env = dict(os.environ)
+    spec = importlib.util.find_spec("engine")
+    if spec and spec.origin:
+        root = str(Path(spec.origin).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def engine_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "engine", *args]
+
+
+def error_line(stderr: str, returncode: int) -> str:
+    """The engine's `error: ...` line, else the last line it printed, else the exit status."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line[len("error:"):].strip()
+    return lines[-1] if lines else f"engine exited with status {returncode}"
+
+
+def run_engine(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run one engine command to completion; raise EngineCallError on a non-zero exit.
+
+    Output goes to temporary files, not pipes: a detached engine that kept an
+    inherited pipe open would otherwise make us wait for it to end.
+    """
+    with tempfile.TemporaryFile("w+t") as out, tempfile.TemporaryFile("w+t") as err:
+        try:
+            rc = subprocess.run(engine_command(*args), stdout=out, stderr=err, text=True, env=engine_env(),
+                                stdin=subprocess.DEVNULL, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            raise EngineCallError(f"`workbench {args[0]}` did not finish within {timeout:.0f} s") from None
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(args, rc, out.read(), err.read())
+    if done.returncode != 0:
+        raise EngineCallError(error_line(done.stderr, done.returncode))
+    return done
+
+
+# ---------------------------------------------------------------- preparation
+
+def prepare_args(out: str | Path, sources: Iterable[str] = (), vocab_size: int | None = None,
+                 extra: Iterable[str] = ()) -> list[str]:
+    args = ["prepare", "--out", str(out)]
+    for source in sources:
+        args += ["--source", str(source)]
+    if vocab_size:
+        args += ["--vocab-size", str(vocab_size)]
+    return [*args, *extra, "--progress-json"]
+
+
+class PrepareJob:
+    """`workbench prepare ... --progress-json`, streaming one progress dict per line to a callback."""
+
+    def __init__(self, args: list[str]):
+        self.args = args
+        self._proc: subprocess.Popen | None = None
+        self._cancelled = threading.Event()
+
+    def run(self, on_progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Run to the end; return the report (report.json). Raises EngineCallError."""
+        err = tempfile.TemporaryFile(mode="w+t")
+        self._proc = subprocess.Popen(engine_command(*self.args), stdout=subprocess.PIPE, stderr=err,
+                                      stdin=subprocess.DEVNULL, text=True, env=engine_env(), bufsize=1)
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                update = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(update, dict):
+                on_progress(update)
+        rc = self._proc.wait()
+        err.seek(0)
+        stderr = err.read()
+        err.close()
+        if self._cancelled.is_set():
+            raise EngineCallError("preparation cancelled")
+        if rc != 0:
+            raise EngineCallError(error_line(stderr, rc))
+        return read_report(self.out)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args[self.args.index("--out") + 1])
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+
+
+def read_report(data_dir: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(data_dir) / "report.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+PREPARED_FILES = ("report.json", "tokenizer.model", "train.bin", "val.bin")
+
+
+def is_prepared(data_dir: str | Path) -> bool:
+    """A finished `workbench prepare` output (the report is written last)."""
+    d = Path(data_dir)
+    return all((d / name).is_file() for name in PREPARED_FILES)
+
+
+def prepared_datasets(data_root: str | Path) -> list[Path]:
+    """Prepared dataset folders under data_root (newest first)."""
+    root = Path(data_root)
+    if not root.is_dir():
+        return []
+    found = [d for d in root.iterdir() if d.is_dir() and is_prepared(d)]
+    return sorted(found, key=lambda d: d.stat().st_mtime, reverse=True)
+
+
+# ---------------------------------------------------------------- training
+
+def start_training(run: str | Path, data: str | Path, config_toml: str | None = None, *,
+                   init_from: str | Path | None = None, overrides: Iterable[str] = ()) -> str:
+    """Start a new run in a detached engine; return what `workbench train` printed.
+
+    Without `config_toml` the run takes the settings of the `init_from` checkpoint
+    (fine-tuning: same shape, new data, `overrides` such as a lower optim.lr).
+    """
+    run = Path(run)
+    run.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    try:
+        args = ["train"]
+        if config_toml is not None:
+            # The engine copies the config into the run; this file only carries it there.
+            fd, tmp = tempfile.mkstemp(prefix=f".{run.name}.", suffix=".toml", dir=run.parent)
+            with os.fdopen(fd, "w") as f:
+                f.write(config_toml)
+            args.append(tmp)
+        args += ["--data", str(data), "--run", str(run), "--detach"]
+        if init_from:
+            args += ["--init-from", str(init_from)]
+        for item in overrides:
+            args += ["--set", item]
+        return run_engine(*args, timeout=START_TIMEOUT_S).stdout
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def resume_training(run: str | Path, checkpoint: str | None = None, max_steps: int | None = None) -> str:
+    """Continue a stopped, finished or crashed run in a detached engine.
+
+    With `checkpoint`, the run's `latest` pointer is first moved to that
+    checkpoint, so training continues from there; `max_steps` extends the run.
+    """
+    if checkpoint:
+        point_latest_at(run, checkpoint)
+    args = ["train", "--resume", str(run), "--detach"]
+    if max_steps:
+        args += ["--max-steps", str(max_steps)]
+    return run_engine(*args, timeout=START_TIMEOUT_S).stdout
+
+
+def sample(run: str | Path, prompt: str, checkpoint: str | None = None, *, n: int = 1,
+           max_tokens: int = 64, temperature: float = 0.8, top_p: float | None = None,
+           seed: int | None = None) -> list[dict[str, Any]]:
+    """Generate from a checkpoint in a child process (`workbench sample --json`)."""
+    args = ["sample", str(run), "--prompt", prompt, "--json", "-n", str(n),
+            "--max-tokens", str(max_tokens), "--temperature", str(temperature)]
+    if checkpoint:
+        args += ["--checkpoint", checkpoint]
+    if top_p is not None:
+        args += ["--top-p", str(top_p)]
+    if seed is not None:
+        args += ["--seed", str(seed)]
+    out = run_engine(*args, timeout=600).stdout
+    samples = []
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("{") or line.startswith("["):
+            value = json.loads(line)
+            samples.extend(value if isinstance(value, list) else [value])
+    return samples
+
+
+# ---------------------------------------------------------------- control and files
+
+def control(run: str | Path, op: str, **args: Any) -> dict[str, Any]:
+    """One request to the run's engine over its control socket."""
+    from engine import client
+
+    try:
+        return client.request(Path(run), op, **args)
+    except (WorkbenchError, OSError, ValueError) as e:  # the client's errors are one line already
+        raise EngineCallError(str(e) or type(e).__name__) from None
+
+
+def engine_alive(run: str | Path) -> bool:
+    from engine import client
+
+    return client.engine_alive(Path(run))
+
+
+def delete_run(run: str | Path) -> None:
+    """Remove a run directory; refused while its engine runs."""
+    run = Path(run)
+    if engine_alive(run):
+        raise EngineCallError(f"{run.name} is still running; stop it first")
+    if not RunDir.at(run).exists() and not RunDir.at(run).events.exists():
+        raise EngineCallError(f"{run} is not a run directory")
+    shutil.rmtree(run)
+
+
+def checkpoint_names(run: str | Path) -> list[str]:
+    d = RunDir.at(run).checkpoints
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if p.is_dir() and (p / "state.json").is_file())
+
+
+def point_latest_at(run: str | Path, checkpoint: str) -> None:
+    rd = RunDir.at(run)
+    if not (rd.checkpoints / checkpoint / "state.json").is_file():
+        raise EngineCallError(f"no checkpoint {checkpoint} in {rd.name}")
+    if engine_alive(run):
+        raise EngineCallError(f"{rd.name} is running; stop it before resuming from another checkpoint")
+    atomic_write_text(rd.latest_pointer, checkpoint + "\n")
+
+
+def delete_checkpoint(run: str | Path, checkpoint: str) -> None:
+    """Remove one checkpoint; `latest` moves to the newest one left (written atomically)."""
+    rd = RunDir.at(run)
+    target = rd.checkpoints / checkpoint
+    if not target.is_dir() or target.parent != rd.checkpoints:
+        raise EngineCallError(f"no checkpoint {checkpoint} in {rd.name}")
+    if engine_alive(run):
+        raise EngineCallError(f"{rd.name} is running; stop it before deleting checkpoints")
+    latest = rd.latest_checkpoint()
+    if latest is not None and latest.name == checkpoint:
+        rest = [name for name in checkpoint_names(run) if name != checkpoint]
+        if rest:
+            atomic_write_text(rd.latest_pointer, rest[-1] + "\n")
+        else:
+            rd.latest_pointer.unlink(missing_ok=True)
+    shutil.rmtree(target)
