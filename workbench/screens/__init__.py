@@ -1,0 +1,1 @@
+"""The TUI screens, one module each."""
