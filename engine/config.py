@@ -60,6 +60,10 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1
     max_steps: int = 1000
+    # Wall-time budget in seconds (0 = none). The run ends at max_steps or max_seconds, whichever
+    # comes first, and the lr schedule decays over that same horizon. Timing-dependent, so a run
+    # that uses it is not bit-reproducible; step-bounded runs are.
+    max_seconds: float = 0.0
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
@@ -239,7 +243,7 @@ def validate(cfg: RunConfig) -> None:
     for dotted in ("model.n_kv_head", "model.d_ff", "model.vocab_size", "optim.warmup_steps",
                    "optim.weight_decay", "optim.grad_clip", "eval.interval", "eval.max_batches",
                    "eval.sample_interval", "eval.sample_tokens", "eval.worst_docs",
-                   "checkpoint.interval", "train.threads", "optim.min_lr_ratio"):
+                   "checkpoint.interval", "train.threads", "optim.min_lr_ratio", "train.max_seconds"):
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"{dotted} must not be negative")

@@ -53,13 +53,17 @@ def get_batch(data: np.ndarray, seed: int, step: int, micro: int, batch_size: in
     return chunk[:, :-1], chunk[:, 1:]
 
 
-def lr_at(step: int, cfg: RunConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then decay to lr * min_lr_ratio."""
+def lr_at(step: int, cfg: RunConfig, elapsed_s: float = 0.0) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then decay to lr * min_lr_ratio
+    over max_steps or, with a time budget, over max_seconds if that comes first."""
     o, max_steps = cfg.optim, cfg.train.max_steps
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
     min_lr = o.lr * o.min_lr_ratio
-    progress = min(1.0, (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps))
+    progress = (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps)
+    if cfg.train.max_seconds > 0:
+        progress = max(progress, elapsed_s / cfg.train.max_seconds)
+    progress = min(1.0, progress)
     if o.decay == "cosine":
         return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (o.lr - min_lr)
     if o.decay == "linear":
@@ -289,7 +293,7 @@ class Trainer:
     def train_step(self) -> tuple[float, float, float, bool]:
         """One optimizer step (with gradient accumulation); returns (loss, grad norm, lr, applied)."""
         cfg = self.cfg
-        lr = lr_at(self.step, cfg) * self.lr_scale
+        lr = lr_at(self.step, cfg, self.elapsed_s) * self.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum = cfg.train.grad_accum
@@ -331,6 +335,16 @@ class Trainer:
         self.log(f"rolled back to {latest.name} after {MAX_BAD_STEPS} non-finite steps; "
                  f"lr scale lowered to {scale:g}")
 
+    def out_of_time(self) -> bool:
+        budget = self.cfg.train.max_seconds
+        return budget > 0 and self.elapsed_s >= budget
+
+    def _eta(self, seconds_per_step: float) -> float:
+        eta = (self.max_steps - self.step) * seconds_per_step
+        if self.cfg.train.max_seconds > 0:
+            eta = min(eta, max(0.0, self.cfg.train.max_seconds - self.elapsed_s))
+        return round(eta, 1)
+
     def _due(self, interval: int) -> bool:
         return interval > 0 and self.step % interval == 0
 
@@ -341,7 +355,7 @@ class Trainer:
         # Throughput counts only train_step time; evals and checkpoints add to elapsed_s, and time
         # inside control.poll (a pause) counts nowhere.
         window_time, window_losses = 0.0, []
-        while self.step < self.max_steps and not self.stop_requested:
+        while self.step < self.max_steps and not self.stop_requested and not self.out_of_time():
             t0 = time.perf_counter()
             loss, norm, lr, applied = self.train_step()
             step_time = time.perf_counter() - t0
@@ -354,14 +368,15 @@ class Trainer:
                 self.last_loss = loss
                 window_time += step_time
                 window_losses.append(loss)
-                if len(window_losses) >= cfg.train.log_interval or self.step >= self.max_steps:
+                if (len(window_losses) >= cfg.train.log_interval or self.step >= self.max_steps
+                        or self.out_of_time()):
                     seconds_per_step = window_time / len(window_losses)
                     tps = tokens_per_step / max(seconds_per_step, 1e-9)
                     self.events.emit(
                         "step", step=self.step, max_steps=self.max_steps,
                         loss=float(np.mean(window_losses)), lr=lr, grad_norm=norm, tokens=self.tokens,
                         tokens_per_s=round(tps, 1), mfu=self.device.mfu(self.flops_per_token, tps),
-                        eta_s=round((self.max_steps - self.step) * seconds_per_step, 1),
+                        eta_s=self._eta(seconds_per_step),
                         elapsed_s=round(self.elapsed_s, 2))
                     window_time, window_losses = 0.0, []
             t1 = time.perf_counter()
