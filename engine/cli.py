@@ -22,6 +22,15 @@ COMMANDS = {
     "sample": ("engine.sample_cli", "generate text from a run's checkpoint"),
     "eval": ("engine.evaluate", "validation loss, perplexity, bits per byte and the worst documents"),
     "quickstart": ("engine.quickstart", "prepare the built-in corpus and train a tiny model"),
+    "ls": ("engine.runs_cli", "list runs with state, step, losses, tokens/s, device and age"),
+    "attach": ("engine.attach_cli", "live plain-text view of a run: its history, then live events"),
+    "status": ("engine.control_cli", "a run's state, step and live settings"),
+    "pause": ("engine.control_cli", "pause a running engine between steps"),
+    "resume": ("engine.control_cli", "resume a paused engine"),
+    "save": ("engine.control_cli", "write a checkpoint now"),
+    "stop": ("engine.control_cli", "save a checkpoint and stop the engine"),
+    "set": ("engine.control_cli", "change live settings: lr_scale, eval.interval, eval.sample_interval, "
+                                  "checkpoint.interval"),
 }
 
 

@@ -255,3 +255,21 @@ def test_example_configs_are_valid():
     for path in examples:
         cfg = config_mod.load(path)
         assert cfg.train.max_steps > 0, path
+
+
+def test_time_budget_ends_the_run_and_decays_the_lr_over_it(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, train={"max_steps": 1_000_000, "max_seconds": 1.5},
+                      eval={"interval": 0}, checkpoint={"interval": 0})
+    started = time.monotonic()
+    assert train(tmp_path / "run", cfg, echo=None) == "finished"
+    assert time.monotonic() - started < 30
+    steps = events_of(tmp_path / "run", "step")
+    last = steps[-1]
+    assert 4 < last["step"] < 1_000_000 and last["elapsed_s"] >= 1.5
+    # The schedule decays over the budget: the last lr is close to lr * min_lr_ratio.
+    assert last["lr"] == pytest.approx(3e-3 * 0.1, rel=0.2)
+    assert all(e["eta_s"] <= 1.5 for e in steps)
+    # It still ends like any run: a final eval and a checkpoint.
+    assert events_of(tmp_path / "run", "eval")[-1]["step"] == last["step"]
+    assert RunDir.at(tmp_path / "run").latest_checkpoint().name == f"step_{last['step']:06d}"
+    assert lr_at(100, cfg, elapsed_s=0.75) > lr_at(100, cfg, elapsed_s=1.4) > 0

@@ -1,0 +1,134 @@
+"""`workbench status|pause|resume|save|stop RUN` and `workbench set RUN key=value ...`.
+
+Each sends one request to the run's engine over its control socket and prints the
+answer in a line. `status` also answers for a run with no engine (from its events).
+"""
+
+from __future__ import annotations
+
+from engine import client
+from engine.config import _parse_value
+from engine.errors import WorkbenchError
+from engine.rundir import RunDir
+from engine.server import SETTABLE
+
+TIMEOUTS = {"stop": 900.0, "save": 600.0}  # stop waits for the final checkpoint
+
+
+def _command(parser) -> str:
+    return parser.prog.rsplit(" ", 1)[-1]  # the router names each subparser "workbench <command>"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run", help="the run folder, e.g. runs/tiny")
+    if _command(parser) == "set":
+        parser.add_argument("assignments", nargs="+", metavar="key=value",
+                            help=f"settable live: {', '.join(SETTABLE)}")
+    else:
+        parser.add_argument("--json", action="store_true", help="print the engine's reply as JSON")
+
+
+def parse_assignments(items: list[str]) -> dict:
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise WorkbenchError(f"set expects key=value, got {item!r}")
+        key = key.strip()
+        if key not in SETTABLE:
+            raise WorkbenchError(f"cannot set {key!r} live (settable: {', '.join(SETTABLE)})")
+        values[key] = _parse_value(text.strip())
+    return values
+
+
+def _offline_status(run: RunDir) -> int:
+    s = client.run_summary(run)
+    step = "" if s["step"] is None else f", step {s['step']}/{s['max_steps'] or '?'}"
+    print(f"{run.name}: {s['state']}{step} (no engine running)")
+    return 0
+
+
+def run(args) -> int:
+    import json
+
+    command = args.command
+    run_dir = RunDir.at(args.run)
+    if not run_dir.root.is_dir():
+        raise WorkbenchError(f"no run at {run_dir.root}")
+    if command == "status" and not client.engine_alive(run_dir):
+        return _offline_status(run_dir)
+    extra = {"values": parse_assignments(args.assignments)} if command == "set" else {}
+    reply = client.request(run_dir, command, timeout=TIMEOUTS.get(command, 60.0), **extra)
+    if getattr(args, "json", False):
+        print(json.dumps(reply))
+        return 0
+    name = run_dir.name
+    if command == "status":
+        settings = ", ".join(f"{k} {v}" for k, v in (reply.get("settings") or {}).items())
+        print(f"{name}: {reply['state']}, step {reply.get('step')}/{reply.get('max_steps', '?')}, "
+              f"pid {reply['pid']}" + (f"; {settings}" if settings else ""))
+    elif command in ("pause", "resume"):
+        print(f"{name}: {reply['state']} at step {reply['step']}")
+    elif command == "save":
+        print(f"{name}: saved {reply['checkpoint']} at step {reply['step']}")
+    elif command == "stop":
+        print(f"{name}: {reply['state']} at step {reply['step']} (final checkpoint written)")
+    elif command == "set":
+        print(f"{name}: " + ", ".join(f"{k} = {v}" for k, v in reply["settings"].items()))
+    return 0
+
+
+# ---- `workbench sample RUN` / `workbench eval RUN` while an engine runs ---------------
+
+def live_sample(args) -> int | None:
+    """Sample from the running engine's current weights; None if no engine runs (or --checkpoint asks
+    for a saved one), so that the caller samples from a checkpoint instead."""
+    import json
+
+    if getattr(args, "checkpoint", None) or not client.engine_alive(args.run):
+        return None
+    texts = []
+    try:
+        for i in range(args.num_samples):
+            seed = None if args.seed is None else args.seed + i
+            reply = client.request(args.run, "sample", timeout=600.0, prompt=args.prompt, max_tokens=args.max_tokens,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed)
+            texts.append((reply, seed))
+    except client.EngineNotRunning:
+        if texts:
+            raise
+        return None  # it ended in the meantime: its checkpoints are all there
+    for i, (reply, seed) in enumerate(texts):
+        if args.json:
+            print(json.dumps({"run": args.run, "checkpoint": "live", "step": reply["step"], "prompt": args.prompt,
+                              "text": reply["text"], "temperature": args.temperature, "top_k": args.top_k,
+                              "top_p": args.top_p, "seed": seed}))
+        else:
+            if args.num_samples > 1:
+                print(f"--- sample {i + 1} (live engine, step {reply['step']}) ---")
+            print(args.prompt + reply["text"])
+    return 0
+
+
+def live_eval(args) -> int | None:
+    """A validation pass in the running engine (its periodic eval: eval.max_batches batches);
+    None if no engine runs or a checkpoint or a full pass was asked for."""
+    import json
+
+    if getattr(args, "checkpoint", None) or getattr(args, "max_batches", 0) or not client.engine_alive(args.run):
+        return None
+    try:
+        reply = client.request(args.run, "eval", timeout=900.0)
+    except client.EngineNotRunning:
+        return None
+    metrics = reply.get("metrics") or {}
+    if args.json:
+        print(json.dumps({"checkpoint": "live", **metrics, "step": reply["step"]}))
+        return 0
+    print(f"run {args.run}, live engine (step {reply['step']})")
+    if metrics.get("val_loss") is None:
+        print("the val split is too short to evaluate")
+        return 0
+    bpb = "n/a" if metrics.get("val_bpb") is None else f"{metrics['val_bpb']:.4f}"
+    print(f"val loss {metrics['val_loss']:.4f} | perplexity {metrics['val_ppl']:.2f} | bits per byte {bpb}")
+    return 0
