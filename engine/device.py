@@ -15,6 +15,7 @@ import torch
 from engine import estimates
 from engine.config import TrainConfig
 from engine.errors import ConfigError
+from engine.formatting import format_mfu  # noqa: F401 - re-exported for callers
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,3 @@ def device_info(train: TrainConfig) -> DeviceInfo:
         if bf16:
             peak = None  # the CPU table is fp32 only
     return DeviceInfo(device, dtype, name, peak)
-
-
-def format_mfu(mfu: float | None) -> str:
-    return "n/a" if mfu is None else f"{100 * mfu:.1f}%"

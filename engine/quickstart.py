@@ -51,20 +51,27 @@ def ensure_builtin_data(data: Path) -> None:
           f"in {report['seconds']:.0f} s", flush=True)
 
 
-def run(args) -> int:
-    if args.steps < 1:
-        raise ConfigError(f"--steps must be at least 1, got {args.steps}")
+def quickstart_config(steps: int, data: Path | None = None):
+    """The tiny preset as the quick start trains it (the CLI and the TUI's quick start share it)."""
     from engine import config as config_mod
 
-    data = Path(args.data).expanduser().resolve()
-    ensure_builtin_data(data)
-    interval = max(1, args.steps // 3)
+    interval = max(1, steps // 3)
     cfg = config_mod.load(preset="tiny", overrides=[
-        f"train.max_steps={args.steps}", f"train.log_interval={max(1, args.steps // 30)}",
+        f"train.max_steps={steps}", f"train.log_interval={max(1, steps // 30)}",
         f"eval.interval={interval}", f"checkpoint.interval={interval}",
         f"eval.sample_interval={interval}", f"eval.sample_prompt={SAMPLE_PROMPT!r}",
     ])
-    cfg.data.path = str(data)
+    if data is not None:
+        cfg.data.path = str(data)
+    return cfg
+
+
+def run(args) -> int:
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {args.steps}")
+    data = Path(args.data).expanduser().resolve()
+    ensure_builtin_data(data)
+    cfg = quickstart_config(args.steps, data)
     run_dir = free_run_dir(Path(args.run))
 
     from engine.checkpoint import open_run_model

@@ -7,6 +7,7 @@ This module only names paths and does atomic small-file writes; it imports no to
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -65,6 +66,16 @@ class RunDir:
 
     def exists(self) -> bool:
         return self.config.is_file()
+
+    def write_run_files(self, cfg, tokenizer) -> None:
+        """config.toml (the resolved config) and a copy of the tokenizer, so the run can be
+        sampled even after its data moved. config.toml is written last: it marks a run as existing."""
+        from engine.config import to_toml
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.root / "tokenizer.model", tokenizer.model_bytes)
+        atomic_write_text(self.root / "tokenizer.json", json.dumps(tokenizer.meta(), indent=2) + "\n")
+        atomic_write_text(self.config, to_toml(cfg))
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint folder, by the `latest` pointer."""

@@ -14,7 +14,6 @@ come back from the checkpoint, so on the CPU a resumed run is bit-identical.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import threading
@@ -32,12 +31,13 @@ from engine import config as config_mod
 from engine.config import RunConfig
 from engine.control import Control
 from engine.dataset import Dataset
-from engine.device import device_info, format_mfu
+from engine.device import device_info
 from engine.errors import ConfigError, DataError, WorkbenchError
 from engine.estimates import human
 from engine.events import EventWriter
+from engine.formatting import format_event
 from engine.model import GPT
-from engine.rundir import RunDir, atomic_write_bytes, atomic_write_text
+from engine.rundir import RunDir
 from kernels import select
 
 MAX_BAD_STEPS = 3  # non-finite steps in a row before rolling back to the last checkpoint
@@ -69,50 +69,6 @@ def lr_at(step: int, cfg: RunConfig, elapsed_s: float = 0.0) -> float:
     if o.decay == "linear":
         return o.lr - progress * (o.lr - min_lr)
     return o.lr
-
-
-# --- foreground printing ----------------------------------------------------------------------
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    h, m = divmod(s, 3600)
-    return f"{h}:{m // 60:02d}:{m % 60:02d}" if h else f"{m // 60}:{m % 60:02d}"
-
-
-def format_event(event: dict[str, Any]) -> str | None:
-    """One human line for an event (the foreground view and `workbench attach`); None to hide it."""
-    kind = event.get("type")
-    if kind == "step":
-        tps = event.get("tokens_per_s") or 0
-        return (f"step {event['step']}/{event['max_steps']} | loss {event['loss']:.4f} | lr {event['lr']:.2e} | "
-                f"gnorm {event['grad_norm']:.2f} | {human(tps)} tok/s | MFU {format_mfu(event.get('mfu'))} | "
-                f"ETA {_duration(event.get('eta_s'))}")
-    if kind == "eval":
-        bpb = event.get("val_bpb")
-        return (f"eval step {event['step']} | val loss {event['val_loss']:.4f} | ppl {event['val_ppl']:.2f} | "
-                f"bpb {'n/a' if bpb is None else f'{bpb:.4f}'}")
-    if kind == "sample":
-        return f"sample step {event['step']}: {event.get('prompt', '')!r} -> {event.get('text', '')!r}"
-    if kind == "checkpoint":
-        return f"saved {event['path']}"
-    if kind == "state":
-        return f"state: {event['state']}"
-    if kind == "log":
-        return event["message"]
-    if kind == "error":
-        return f"error: {event['message']}"
-    return None
-
-
-def write_run_files(run: RunDir, cfg: RunConfig, tokenizer) -> None:
-    """config.toml (the resolved config) and a copy of the tokenizer, so the run can be
-    sampled even after its data moved. config.toml is written last: it marks a run as existing."""
-    run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run.root / "tokenizer.model", tokenizer.model_bytes)
-    atomic_write_text(run.root / "tokenizer.json", json.dumps(tokenizer.meta(), indent=2) + "\n")
-    atomic_write_text(run.config, config_mod.to_toml(cfg))
 
 
 class Trainer:
@@ -184,7 +140,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters()]
         self.flops_per_token = self.model.flops_per_token()
         if not self.rundir.exists():
-            write_run_files(self.rundir, cfg, tok)
+            self.rundir.write_run_files(cfg, tok)
         checkpoint.clean_temporaries(self.rundir)
         self.log(f"kernels: {self.ops.name} ({self.ops.reason})")
         peak = "unknown peak (MFU n/a)" if not self.device.peak_flops else f"peak {human(self.device.peak_flops)}FLOP/s"
@@ -464,6 +420,6 @@ def train(run_dir: str | Path, cfg: RunConfig | None = None, *, resume: bool = F
           handle_signals: bool = True) -> str:
     """Train the run in `run_dir` and return its final state: finished or stopped (or raise after `crashed`).
 
-    A new run's folder gets config.toml and the tokenizer copy on the way (see write_run_files);
+    A new run's folder gets config.toml and the tokenizer copy on the way (see RunDir.write_run_files);
     `cfg=None` (with resume) reads the run's own config.toml."""
     return Trainer(run_dir, cfg, resume=resume, init_from=init_from, control=control, echo=echo).run(handle_signals)

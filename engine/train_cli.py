@@ -162,9 +162,8 @@ def run(args) -> int:
         root, resume = run_dir.root, True
     else:
         cfg, root, dataset = prepare_new_run(args)
-        from engine.train import write_run_files
 
-        write_run_files(RunDir.at(root), cfg, dataset.tokenizer)
+        RunDir.at(root).write_run_files(cfg, dataset.tokenizer)
         resume = False
     if args.detach:
         from engine.process import spawn_detached

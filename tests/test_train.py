@@ -13,7 +13,8 @@ import torch
 from engine import checkpoint
 from engine.control import Control, StopAt
 from engine.rundir import RunDir
-from engine.train import format_event, get_batch, lr_at, train
+from engine.formatting import format_event
+from engine.train import get_batch, lr_at, train
 from engine_helpers import events_of, step_losses, tiny_config, tiny_raw, workbench, workbench_popen, write_toml
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

@@ -206,7 +206,7 @@ def sample(run: str | Path, prompt: str, checkpoint: str | None = None, *, n: in
            max_tokens: int = 64, temperature: float = 0.8, top_p: float | None = None,
            seed: int | None = None) -> list[dict[str, Any]]:
     """Generate from a checkpoint in a child process (`workbench sample --json`)."""
-    args = ["sample", str(run), "--prompt", prompt, "--json", "-n", str(n),
+    args = ["sample", str(run), f"--prompt={prompt}", "--json", "-n", str(n),
             "--max-tokens", str(max_tokens), "--temperature", str(temperature)]
     if checkpoint:
         args += ["--checkpoint", checkpoint]

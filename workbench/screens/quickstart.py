@@ -18,14 +18,14 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 
-from engine.config import load, to_toml
+from engine.config import to_toml
 from engine.errors import WorkbenchError
+from engine.quickstart import DEFAULT_STEPS, free_run_dir
+from engine.quickstart import quickstart_config as engine_quickstart_config
 from workbench import engine_calls
 from workbench.messages import PrepareFinished
-from engine.quickstart import DEFAULT_STEPS, SAMPLE_PROMPT, free_run_dir
 from workbench.screens.new_run import PreparePanel
 
-PRESET = "tiny"
 DATA_NAME = "builtin"
 STEPS_ENV = "WORKBENCH_QUICKSTART_STEPS"
 
@@ -40,13 +40,8 @@ def quickstart_steps() -> int:
 
 
 def quickstart_config(steps: int) -> str:
-    """The tiny preset as `workbench quickstart` trains it (same intervals and sample prompt)."""
-    interval = max(1, steps // 3)
-    return to_toml(load(preset=PRESET, overrides=[
-        f"train.max_steps={steps}", f"train.log_interval={max(1, steps // 30)}",
-        f"eval.interval={interval}", f"checkpoint.interval={interval}",
-        f"eval.sample_interval={interval}", f"eval.sample_prompt={SAMPLE_PROMPT!r}",
-    ]))
+    """The tiny preset as `workbench quickstart` trains it, as TOML."""
+    return to_toml(engine_quickstart_config(steps))
 
 
 class QuickStartScreen(ModalScreen[Path | None]):
