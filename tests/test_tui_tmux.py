@@ -74,7 +74,7 @@ def test_quick_start_in_tmux_to_a_visible_loss(tmp_path):
     term = Tmux(tmp_path, workbench_command(), env)
     try:
         term.wait_for(r"No runs yet", timeout=30)
-        assert "Quick start" in term.screen()  # the footer names the default action of enter
+        term.wait_for(r"Quick start", timeout=10)  # the footer names the default action of enter
         term.keys("Enter")
         # preparation, then the engine starts and the dashboard shows the training loss
         term.wait_for(r"loss\s+\d+\.\d+", timeout=180)

@@ -43,8 +43,9 @@ class LossPlot(PlotextPlot):
         plt = self.plt
         plt.clear_data()
         view = self.view
-        if view is None or (not len(view.loss) and not len(view.val_loss)):
-            plt.title("waiting for the first step")
+        waiting = view is None or (not len(view.loss) and not len(view.val_loss))
+        plt.title("waiting for the first step" if waiting else "")  # clear_data keeps the title
+        if waiting:
             return
         x_train = view.tokens if self.by_tokens else view.steps
         x_val = view.eval_tokens if self.by_tokens else view.eval_steps
