@@ -19,7 +19,7 @@ from engine_helpers import tiny_raw, workbench, write_toml  # noqa: E402
 from tui_fixtures import make_demo_run  # noqa: E402
 
 from engine.events import EventWriter  # noqa: E402
-from textual.widgets import ContentSwitcher, Label, RichLog  # noqa: E402
+from textual.widgets import ContentSwitcher, Label, RichLog, Sparkline  # noqa: E402
 from workbench.screens.dashboard import DashboardScreen  # noqa: E402
 from workbench.screens.standalone import ScreenApp  # noqa: E402
 from workbench.widgets.plots import LossPlot  # noqa: E402
@@ -76,6 +76,85 @@ def test_replays_a_finished_run(tmp_path):
         await pilot.press("s")
         await wait_for(pilot, lambda: any("no engine" in n.message for n in app._notifications),
                        what="no-engine notification")
+        # stop on a finished run: no "Stop training?" question about a run that is not training
+        await pilot.press("x")
+        await wait_for(pilot, lambda: any(n.message.startswith("stop: no engine") for n in app._notifications),
+                       what="stop: no-engine notification")
+        assert app.screen is screen
+
+    run_dashboard(run, body)
+
+
+def test_log_lines_wrap_inside_the_panel_at_80_columns(tmp_path):
+    """Long log lines wrap at the panel's width: none hides under the scrollbar or scrolls sideways."""
+    run = tmp_path / "wordy"
+    run.mkdir()
+    w = EventWriter(run / "events.jsonl")
+    w.emit("state", state="finished", max_steps=10)
+    for i in range(12):
+        w.emit("log", message=f"model: 932k parameters, 6.37MFLOPs/token, ~107MB to train; data: 159k train "
+                              f"/ 8.46k val tokens ({i})")
+    w.close()
+
+    async def body(pilot, app, screen):
+        log = screen.query_one("#log", RichLog)
+        await wait_for(pilot, lambda: len(log.lines) >= 24, what="log lines")
+        await pilot.pause(0.2)
+        assert max(strip.cell_length for strip in log.lines) <= log.scrollable_content_region.width
+        assert not log.show_horizontal_scrollbar
+        assert "val tokens (11)" in log_text(screen)
+
+    run_dashboard(run, body)
+
+
+def test_resume_from_an_older_checkpoint_forgets_the_undone_evals(tmp_path):
+    """Steps going back (resume at step 50 after evals at 50 and 100) take the later evals and checkpoints
+    with them: val shows step 50's, not a value from steps that no longer happened."""
+    run = tmp_path / "rewound"
+    run.mkdir()
+    w = EventWriter(run / "events.jsonl")
+    w.emit("state", state="running", max_steps=150)
+    for step in range(1, 101):
+        w.emit("step", step=step, max_steps=150, loss=6 - step / 50, tokens=step * 100)
+        if step in (50, 100):
+            w.emit("eval", step=step, val_loss=7 - step / 50, val_bpb=3 - step / 100)
+            w.emit("checkpoint", step=step, path=f"checkpoints/step_{step:06d}")
+    w.emit("state", state="stopped")
+    w.emit("state", state="running")  # resumed from step_000050
+    for step in range(51, 56):
+        w.emit("step", step=step, max_steps=150, loss=5.5, tokens=step * 100)
+    w.emit("state", state="stopped")
+    w.close()
+
+    async def body(pilot, app, screen):
+        await wait_for(pilot, lambda: screen.view is not None and screen.view.latest.get("step") == 55,
+                       what="replay")
+        await pilot.pause(0.2)
+        assert screen.view.n_steps == 55 and list(screen.view.eval_steps) == [50]
+        assert screen.query_one("#stat-val").query_one(".stat-value", Label).render().plain == "6.0000"
+        assert [c["step"] for c in screen.view.checkpoints] == [50]
+        assert "step_000050" in str(screen.query_one("#ckpt", Label).render())
+
+    run_dashboard(run, body)
+
+
+def test_cpu_and_ram_sparklines_are_on_a_0_to_100_scale(tmp_path):
+    """A steady 100 % CPU is a full bar and 10 % RAM a low one (a min-max sparkline drew both flat at the bottom)."""
+    run = tmp_path / "busy"
+    run.mkdir()
+    w = EventWriter(run / "events.jsonl")
+    w.emit("state", state="finished")
+    for _ in range(30):
+        w.emit("system", machine_cpu_percent=100.0, ram_used_bytes=1 << 30, ram_total_bytes=10 << 30, gpus=[])
+    w.close()
+
+    async def body(pilot, app, screen):
+        await wait_for(pilot, lambda: screen.view is not None and len(screen.view.cpu) == 30, what="replay")
+        await pilot.pause(0.2)
+        cpu = str(screen.query_one("#cpu").query_one(Sparkline).render())
+        ram = str(screen.query_one("#ram").query_one(Sparkline).render())
+        assert cpu and set(cpu) == {"█"}
+        assert ram and set(ram) == {"▂"}
 
     run_dashboard(run, body)
 

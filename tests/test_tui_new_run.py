@@ -103,6 +103,13 @@ def test_prepare_then_start_a_real_run(tmp_path):
         assert "kept" in report and "bytes/token" in report and "vocab 300" in report
         assert set(panel._bars) == {"read", "tokenizer", "encode"}
         assert "prepared" in text_of(screen, "#data-status")  # the side panel now knows the dataset
+        set_value(screen, "train-max_steps", "200000")  # hundreds of epochs: a count, not 8.5e+02
+        await wait_for(pilot, lambda: "200000" == screen.value("train-max_steps"), what="steps typed")
+        await pilot.pause(0.2)
+        epochs = next(line for line in text_of(screen, "#data-status").splitlines() if "epochs" in line)
+        assert "e+" not in epochs and epochs.split("plan = ")[1].split()[0].replace(",", "").isdigit()
+        set_value(screen, "train-max_steps", "8")
+        await pilot.pause(0.2)
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: type(app.screen).__name__ == "DashboardScreen", timeout=90,
                        what="the new run's dashboard")

@@ -133,6 +133,8 @@ class RunHistory:
             cut = bisect.bisect_left(steps, step)
             for col in self.cols.values():
                 del col[cut:]
+            self._drop_evals_from(step)  # and the evals and checkpoints of the undone steps
+            self.checkpoints = [c for c in self.checkpoints if not (_num(c.get("step")) >= step)]
         for name in STEP_FIELDS:
             self.cols[name].append(_num(e.get(name)))
         for name, values in self.recent.items():
@@ -142,17 +144,22 @@ class RunHistory:
             self.max_steps = e["max_steps"]
 
     def _on_eval(self, e: dict[str, Any]) -> None:
-        step = _num(e.get("step"))
-        steps = self.evals["step"]
-        if steps and step <= steps[-1]:
-            cut = bisect.bisect_left(steps, step)
-            for col in self.evals.values():
-                del col[cut:]
+        self._drop_evals_from(_num(e.get("step")))
         for name in EVAL_FIELDS:
             self.evals[name].append(_num(e.get(name)))
         self.last_eval = e
         self._add_log(e, "eval", f"eval @ {e.get('step')}: val loss {_fmt(e.get('val_loss'))}"
                                  f", bpb {_fmt(e.get('val_bpb'))}")
+
+    def _drop_evals_from(self, step: float) -> None:
+        """Forget evals at `step` and after (the run went back); the newest one left is the latest."""
+        steps = self.evals["step"]
+        if not steps or step > steps[-1]:
+            return
+        cut = bisect.bisect_left(steps, step)
+        for col in self.evals.values():
+            del col[cut:]
+        self.last_eval = {name: col[-1] for name, col in self.evals.items()} if cut else {}
 
     def _on_sample(self, e: dict[str, Any]) -> None:
         self.samples.append(e)

@@ -212,7 +212,7 @@ by val loss). **BPB** is validation bits per byte, comparable across tokenizers.
             return
         from workbench.screens.confirm import ConfirmScreen
 
-        detail = "It is the run's resume point; `latest` will move to the newest checkpoint left." \
+        detail = "It is the run's resume point; [b]latest[/b] will move to the newest checkpoint left." \
             if row["latest"] else "This cannot be undone."
         self.app.push_screen(ConfirmScreen(f"Delete checkpoint [b]{row['name']}[/b] of {self.run_dir.name}?",
                                            detail),

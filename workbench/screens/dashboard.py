@@ -85,6 +85,14 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
         Binding("escape", "back", "Back", tooltip="Back to the previous screen (training goes on)", show=False),
     ]
 
+    announces_its_run = True  # its errors, crash and end are notified here (the runs screen stays quiet)
+
+    # the footer is 80 columns wide; the palette and help spell these out
+    LONG_NAMES = {"pause": "Pause training", "resume": "Resume training", "save": "Save checkpoint",
+                  "eval": "Evaluate now", "sample": "Sample now", "stop": "Stop training",
+                  "toggle_axis": "Steps/tokens axis", "toggle_pane": "Log/samples pane",
+                  "rate": "Rate samples", "leaderboard": "Leaderboard"}
+
     DEFAULT_CSS = """
     DashboardScreen { layout: vertical; }
     DashboardScreen #status-bar { height: 1; padding: 0 1; background: $boost; }
@@ -98,6 +106,7 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
     DashboardScreen #ckpt { height: 1; }
     DashboardScreen #bottom { height: 8; border: round $primary 50%; }
     DashboardScreen #log, DashboardScreen #samples { height: 1fr; }
+    DashboardScreen #log { scrollbar-gutter: stable; }  /* lines wrapped before the scrollbar came stay visible */
     DashboardScreen #samples-text { padding: 0 1; }
     DashboardScreen.-wide #side { width: 46; }
     DashboardScreen.-tall #bottom { height: 12; }
@@ -133,7 +142,8 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
                 yield SystemPanel(id="system")
                 yield Label("", id="ckpt")
         with ContentSwitcher(id="bottom", initial="log"):
-            yield RichLog(id="log", max_lines=1000, wrap=True, markup=False, auto_scroll=True)
+            # min_width=1: wrap at the panel's width (RichLog's default 78 overflows an 80-column terminal)
+            yield RichLog(id="log", max_lines=1000, wrap=True, markup=False, auto_scroll=True, min_width=1)
             with VerticalScroll(id="samples"):
                 yield Static("no samples yet (g asks the engine for one)", id="samples-text")
         yield Footer(compact=True)
@@ -182,6 +192,8 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
             if not catching_up:
                 live_errors += [e for e in events if e.get("type") == "error"]
             now = time.monotonic()
+            if any(e.get("type") == "state" for e in events):
+                next_state_check = 0.0  # the engine says its state changed: show it now, not up to a poll later
             if now >= next_state_check:
                 next_state_check = now + STATE_POLL_S
                 try:
@@ -318,6 +330,9 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
         self._control("sample")
 
     def action_stop(self) -> None:
+        if self.state is not None and self.state not in LIVE:  # nothing to stop: say so, do not ask
+            self._control("stop")
+            return
         from workbench.screens.confirm import ConfirmScreen
 
         def answered(yes: bool | None) -> None:

@@ -52,6 +52,12 @@ class HelpScreen(ModalScreen[None]):
             if self.app.get_key_display(b) not in keys:
                 keys.append(self.app.get_key_display(b))
         table = self.query_one("#help-keys", DataTable)
-        table.add_columns("Key", "Action", "What it does")
+        # "What it does" wraps to what the box leaves it (90 columns at most, app.tcss) rather than
+        # running off an 80-column terminal: box border and padding, scrollbar, one space around each cell
+        key_width = max((len(" ".join(keys)) for keys, _ in rows.values()), default=3)
+        name_width = max((len(name) for name in rows), default=6)
+        free = min(90, self.app.size.width) - 6 - key_width - name_width - 6
+        table.add_columns("Key", "Action")
+        table.add_column("What it does", width=max(20, free))
         for name, (keys, tooltip) in rows.items():
-            table.add_row(" ".join(keys), name, tooltip)
+            table.add_row(" ".join(keys), name, tooltip, height=None)

@@ -525,7 +525,7 @@ Set up a run top to bottom, then **ctrl+s** to start it in a detached engine.
         epochs = tokens_per_step * cfg.train.max_steps / train_tokens if train_tokens else 0
         return (f"\n[b]Data[/b]\n{path}: [green]prepared[/green]\n"
                 f"{estimates.human(train_tokens)} train tokens, {tok.get('bytes_per_token', 0):.2f} B/token\n"
-                f"vocab {tok.get('vocab_size', '?')} · plan = {epochs:.2g} epochs")
+                f"vocab {tok.get('vocab_size', '?')} · plan = {epochs:{'.2g' if epochs < 10 else ',.0f'}} epochs")
 
     # -------------------------------------------------------------- actions
 

@@ -253,7 +253,11 @@ data folder) and trains the tiny preset on whatever hardware there is.
 
     def _notify_changes(self, before: dict[str, dict], errors: dict[str, list[dict]]) -> None:
         """Engine errors and crashes seen while watching become notifications (never tracebacks)."""
+        on_top = self.app.screen
+        watched = Path(on_top.run_dir).resolve() if getattr(on_top, "announces_its_run", False) else None
         for path, run in self.runs.items():
+            if Path(path).resolve() == watched:
+                continue  # its dashboard is open and says it itself: once is enough
             for error in errors.get(path, []):
                 self.app.notify(f"{run['name']}: {error.get('message', 'engine error')}",
                                 title="Engine error", severity="error", timeout=10)

@@ -24,7 +24,7 @@ class GpuRows(Vertical):
         self.index = index
 
     def compose(self) -> ComposeResult:
-        yield StatRow(f"GPU{self.index}", value_width=5)
+        yield StatRow(f"GPU{self.index}", value_width=5, scale=(0, 100))
         yield Label("", classes="gpu-detail")
 
     def show(self, gpu: GpuView) -> None:
@@ -54,8 +54,8 @@ class SystemPanel(Vertical):
         self._gpu_count: int | None = None
 
     def compose(self) -> ComposeResult:
-        yield StatRow("CPU", value_width=5, id="cpu")
-        yield StatRow("RAM", value_width=11, id="ram")
+        yield StatRow("CPU", value_width=5, scale=(0, 100), id="cpu")
+        yield StatRow("RAM", value_width=11, scale=(0, 100), id="ram")
         yield Label("waiting for system stats", id="no-gpu")
 
     def show(self, view: HistoryView) -> None:
