@@ -176,7 +176,7 @@ def apply_retention(run: RunDir, keep_last: int, keep_best: bool) -> list[Path]:
     if latest is not None:
         keep.add(latest.name)
     if keep_best:
-        scored = [(read_state(p).get("metrics", {}).get("val_loss"), p.name) for p in all_ckpts]
+        scored = [(_val_loss(p), p.name) for p in all_ckpts]
         scored = [(v, n) for v, n in scored if isinstance(v, (int, float))]
         if scored:
             keep.add(min(scored)[1])
@@ -189,6 +189,15 @@ def apply_retention(run: RunDir, keep_last: int, keep_best: bool) -> list[Path]:
             shutil.rmtree(trash, ignore_errors=True)
             deleted.append(path)
     return deleted
+
+
+def _val_loss(ckpt: Path) -> Any:
+    """The val loss state.json records; None when it is unreadable (a damaged old checkpoint must
+    not crash the save that has just succeeded)."""
+    try:
+        return read_state(ckpt).get("metrics", {}).get("val_loss")
+    except CheckpointError:
+        return None
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -112,10 +112,12 @@ def live_sample(args) -> int | None:
 
 def live_eval(args) -> int | None:
     """A validation pass in the running engine (its periodic eval: eval.max_batches batches);
-    None if no engine runs or a checkpoint or a full pass was asked for."""
+    None if no engine runs or a checkpoint, a full pass or --worst documents (which the engine's
+    pass does not rank) were asked for."""
     import json
 
-    if getattr(args, "checkpoint", None) or getattr(args, "max_batches", 0) or not client.engine_alive(args.run):
+    if (getattr(args, "checkpoint", None) or getattr(args, "max_batches", 0) or getattr(args, "worst", None)
+            or not client.engine_alive(args.run)):
         return None
     try:
         reply = client.request(args.run, "eval", timeout=900.0)

@@ -28,6 +28,8 @@ class EventWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
+        if _ends_torn(self.path):  # a crash mid-line: end it, or our first event would be glued to it and lost
+            self._file.write("\n")
         self._lock = threading.Lock()
         self.echo = echo  # optional callable(event) for foreground printing
 
@@ -48,6 +50,16 @@ class EventWriter:
                 self._file.flush()
                 os.fsync(self._file.fileno())
                 self._file.close()
+
+
+def _ends_torn(path: Path) -> bool:
+    """The file's last line has no newline (its writer died while writing it)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def read_events(path: str | Path, offset: int = 0,

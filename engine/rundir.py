@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,10 +79,17 @@ class RunDir:
         atomic_write_text(self.config, to_toml(cfg))
 
     def latest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint folder, by the `latest` pointer."""
+        """The checkpoint folder the `latest` pointer names; if the pointer is missing or names no
+        folder (deleted by hand, or a crash right after the first save), the highest complete step:
+        a resume must never restart from step 0 while checkpoints exist."""
         try:
             name = self.latest_pointer.read_text().strip()
-        except FileNotFoundError:
+        except (FileNotFoundError, UnicodeDecodeError):
+            name = ""
+        if name and (self.checkpoints / name).is_dir():
+            return self.checkpoints / name
+        if not self.checkpoints.is_dir():
             return None
-        path = self.checkpoints / name
-        return path if path.is_dir() else None
+        complete = [p for p in self.checkpoints.iterdir()
+                    if re.fullmatch(r"step_\d{6,}", p.name) and (p / "state.json").is_file()]
+        return max(complete, key=lambda p: int(p.name[5:]), default=None)

@@ -151,6 +151,8 @@ class ControlServer:
         self._clients: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._answering = 0  # requests between read and reply sent; close() lets them finish
+        self._idle = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
 
     def start(self) -> "ControlServer":
@@ -206,6 +208,18 @@ class ControlServer:
             reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
         return {"id": rid, **reply}
 
+    def _respond(self, conn: socket.socket, line: bytes) -> bool:
+        """Answer one request line; counted, so that close() lets a reply in flight reach its client."""
+        with self._lock:
+            self._answering += 1
+        try:
+            reply = self._too_large() if len(line) > MAX_REQUEST_BYTES else self._answer(line)
+            return self._send(conn, reply)
+        finally:
+            with self._idle:
+                self._answering -= 1
+                self._idle.notify_all()
+
     def _serve(self, conn: socket.socket) -> None:
         buf = bytearray()
         skipping = False  # inside an oversized line: drop bytes up to its newline
@@ -230,13 +244,9 @@ class ControlServer:
                     if skipping:  # the tail of an oversized line, already answered
                         skipping = False
                         continue
-                    if len(line) > MAX_REQUEST_BYTES:
-                        reply = self._too_large()
-                    elif not line.strip():
+                    if len(line) <= MAX_REQUEST_BYTES and not line.strip():
                         continue
-                    else:
-                        reply = self._answer(line)
-                    if not self._send(conn, reply):
+                    if not self._respond(conn, line):
                         return
         except OSError:
             return
@@ -256,7 +266,8 @@ class ControlServer:
             self._sock.close()
         if self._thread.is_alive():
             self._thread.join(timeout=2)
-        with self._lock:
+        with self._idle:  # a reply just answered (the `stop` one above all) still reaches its client
+            self._idle.wait_for(lambda: self._answering == 0, timeout=5)
             clients = list(self._clients)
         for conn in clients:
             with contextlib.suppress(OSError):

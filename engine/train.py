@@ -106,6 +106,10 @@ class Trainer:
         return self.cfg.train.max_steps
 
     def _print_event(self, event: dict) -> None:
+        # System stats every second would drown the steps (`workbench attach --system` shows them);
+        # an error is re-raised, and whoever called train() reports it once.
+        if event.get("type") in ("system", "error"):
+            return
         line = format_event(event)
         if line is not None:
             self._echo(line)
@@ -382,7 +386,9 @@ class Trainer:
             self.events.close()
             raise
         except BaseException as e:
-            self.events.emit("error", message=str(e) or type(e).__name__, traceback=traceback.format_exc())
+            # A user-caused failure is its one-line message; a bug keeps its traceback.
+            details = {} if isinstance(e, WorkbenchError) else {"traceback": traceback.format_exc()}
+            self.events.emit("error", message=str(e) or type(e).__name__, **details)
             self.emit_state("crashed")
             self.events.close()
             raise

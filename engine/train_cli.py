@@ -59,6 +59,14 @@ def _open_dataset(cfg) -> object:
     return dataset
 
 
+def _check_device(cfg) -> None:
+    """A CUDA device (or bf16) the machine lacks fails here, before the run is written (torch only then)."""
+    if cfg.train.device.startswith("cuda") or cfg.train.dtype == "bfloat16":
+        from engine.device import pick_device, pick_dtype
+
+        pick_dtype(cfg.train.dtype, pick_device(cfg.train.device))
+
+
 def _check_checkpoint_fits(ckpt: Path, cfg, tokenizer_sha256: str) -> None:
     """Tokenizer, file integrity and every shape of `ckpt` against cfg's model, without touching the run."""
     from engine import checkpoint
@@ -123,6 +131,7 @@ def prepare_new_run(args):
 
         _check_checkpoint_fits(checkpoint.resolve(args.init_from), cfg, dataset.tokenizer.sha256)
     config_mod.validate(cfg)
+    _check_device(cfg)
     return cfg, run_dir, dataset
 
 
@@ -140,6 +149,7 @@ def prepare_resume(args):
     if args.set or args.max_steps is not None:
         cfg = config_mod.from_dict(_merge_overrides(cfg, _overrides(args)))
     dataset = _open_dataset(cfg)
+    _check_device(cfg)
     latest = run.latest_checkpoint()
     if latest is not None:
         step = int(checkpoint.read_state(latest)["step"])

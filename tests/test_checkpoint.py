@@ -104,6 +104,35 @@ def test_keeps_last_k_plus_best(tmp_path):
     assert not [p for p in run.checkpoints.iterdir() if p.name.startswith(".")]
 
 
+
+def test_missing_or_dangling_latest_falls_back_to_the_highest_complete_step(tmp_path):
+    run = RunDir.at(tmp_path / "run")
+    assert run.latest_checkpoint() is None
+    model, opt = trained_pair(1)
+    for step in (9, 10, 11):
+        checkpoint.save(run, model, opt, state_for(step), keep_last=3)
+    (run.checkpoints / "step_000011" / "state.json").unlink()  # incomplete: not a fallback
+    for pointer in ("step_000099", "", None):  # deleted by hand, empty, missing
+        if pointer is None:
+            run.latest_pointer.unlink()
+        else:
+            run.latest_pointer.write_text(pointer + "\n")
+        assert run.latest_checkpoint() == run.checkpoints / "step_000010", pointer
+    # A pointer to an existing, older checkpoint (the TUI's "resume from here") is still obeyed.
+    run.latest_pointer.write_text("step_000009\n")
+    assert run.latest_checkpoint().name == "step_000009"
+
+
+def test_a_damaged_old_checkpoint_does_not_fail_the_next_save(tmp_path):
+    run = RunDir.at(tmp_path / "run")
+    model, opt = trained_pair(1)
+    checkpoint.save(run, model, opt, state_for(1, 5.0), keep_last=2)
+    (run.checkpoints / "step_000001" / "state.json").write_text("{not json")
+    checkpoint.save(run, model, opt, state_for(2, 4.0), keep_last=2)
+    checkpoint.save(run, model, opt, state_for(3, 3.0), keep_last=2)
+    assert run.latest_checkpoint().name == "step_000003"
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step_000002", "step_000003"]
+
 def test_failed_write_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     run = RunDir.at(tmp_path / "run")
     model, opt = trained_pair(1)

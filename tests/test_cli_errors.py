@@ -69,6 +69,17 @@ def test_bad_overrides_and_missing_things(tiny_data, tmp_path):
     assert not run.exists()
 
 
+
+def test_a_gpu_the_machine_lacks_is_refused_before_anything_is_written(trained_run, run_copy, tiny_data, tmp_path):
+    config = write_toml(tmp_path / "c.toml", tiny_raw())
+    result = workbench("train", config, "--data", tiny_data, "--run", tmp_path / "run", "--set", "train.device=cuda:99")
+    assert_one_line_error(result, "train.device = 'cuda:99'")
+    assert not (tmp_path / "run").exists()
+    before = snapshot(run_copy)
+    result = workbench("train", "--resume", run_copy, "--max-steps", "30", "--set", "train.device=cuda:99")
+    assert_one_line_error(result, "train.device = 'cuda:99'")
+    assert snapshot(run_copy) == before  # config.toml keeps its device; no crashed state written
+
 def test_existing_run_is_never_overwritten(trained_run, tiny_data, tmp_path):
     config = write_toml(tmp_path / "c.toml", tiny_raw())
     before = snapshot(trained_run)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from engine import client
-from engine.events import EventWriter
+from engine.events import EventWriter, read_events
 from engine.server import MAX_REQUEST_BYTES, ControlServer, RequestError, parse_request
 from engine_helpers import cli_env, workbench
 
@@ -155,6 +155,19 @@ def test_follow_replays_history_then_live_events_and_waits_out_a_torn_line(tmp_p
     reader.join(10)
     assert not reader.is_alive() and got[-1] == {**got[-1], "type": "state", "state": "finished"}
 
+
+
+def test_a_new_writer_after_a_torn_line_loses_no_event(tmp_path):
+    """An engine killed mid-line, then `train --resume`: its first event must not be glued to the torn one."""
+    path = tmp_path / "events.jsonl"
+    EventWriter(path).emit("step", step=1, loss=1.0)
+    with open(path, "ab") as f:
+        f.write(b'{"v":1,"t":2.0,"type":"step","st')
+    w = EventWriter(path)
+    w.emit("state", state="starting")
+    w.close()
+    events, _ = read_events(path)
+    assert [e["type"] for e in events] == ["step", "state"]
 
 def test_follow_from_an_offset_and_with_a_stop(tmp_path):
     run = make_run(tmp_path)
@@ -343,6 +356,24 @@ def test_many_clients_at_once_and_a_stalled_one_blocks_nobody(server):
     assert results == [True] * 100
     stalled.close()
 
+
+
+def test_close_lets_a_reply_just_answered_reach_its_client(tmp_path):
+    """`workbench stop`: the engine answers stop and closes the server at once; the reply still arrives."""
+    answered = threading.Event()
+
+    def handler(op, args):
+        answered.set()
+        time.sleep(0.3)  # the client thread is slow to send (a busy machine) while close() runs
+        return {"ok": True, "state": "stopped"}
+
+    s = ControlServer(tmp_path / "engine.sock", handler).start()
+    sock, replies = connect(s.path)
+    sock.sendall(b'{"id": 1, "op": "stop"}\n')
+    assert answered.wait(10)
+    s.close()
+    assert json.loads(replies.readline()) == {"id": 1, "ok": True, "state": "stopped"}
+    sock.close()
 
 def test_socket_is_0600_whatever_the_umask_and_long_paths_work(tmp_path):
     deep = tmp_path / ("d" * 60) / ("e" * 60)

@@ -158,6 +158,11 @@ def test_bad_input_errors(tmp_path):
         prepare([tmp_path / "bin"], tmp_path / "out", {"val_fraction": 0.9})
     with pytest.raises(DataError, match="unknown prepare setting"):
         prepare([tmp_path / "bin"], tmp_path / "out", {"vocab": 300})
+    # One document and nothing dropped: no empty "()" where the reasons would be.
+    (tmp_path / "one.txt").write_text("A single short document about rivers, kings and the long winter "
+                                      "that came over the valley when the old mill stopped turning.")
+    with pytest.raises(DataError, match=r"^1 of 1 documents left after filtering and dedup; at least 2 are needed"):
+        prepare([tmp_path / "one.txt"], tmp_path / "out", SMALL)
     assert not (tmp_path / "out").exists()
 
 

@@ -197,6 +197,10 @@ def test_every_control_op(engine):
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout) == {**json.loads(cli.stdout), "checkpoint": "live", "step": at,
                                       "val_loss": metrics["val_loss"]}  # same weights, same batches
+    cli = workbench("eval", run, "--worst", "2", "--json")  # worst documents: from the checkpoint just saved
+    assert cli.returncode == 0, cli.stderr
+    ranked = json.loads(cli.stdout)
+    assert Path(ranked["checkpoint"]).name == f"step_{at:06d}" and len(ranked["worst_docs"]) == 2
     cli = workbench("status", run)
     assert cli.returncode == 0 and f"paused, step {at}/" in cli.stdout and "lr_scale 0.5" in cli.stdout
     listed = workbench("ls", run.parent)

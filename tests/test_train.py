@@ -202,6 +202,29 @@ def test_crash_writes_error_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
     assert loaded.checkpoint.name == "step_000010" and loaded.state["step"] == 10
 
 
+
+class UserErrorAt(Control):
+    """Emits a system event each poll (as the engine's sampler does), then fails the way a user can."""
+
+    def poll(self, trainer):
+        trainer.events.emit("system", cpu_percent=50.0)
+        if trainer.step == 3:
+            from engine.errors import DataError
+            raise DataError("the data went away")
+
+
+def test_foreground_shows_no_system_lines_and_leaves_errors_to_the_caller(tiny_data, tmp_path):
+    from engine.errors import DataError
+
+    lines = []
+    with pytest.raises(DataError, match="the data went away"):
+        train(tmp_path / "run", tiny_config(tiny_data), control=UserErrorAt(), echo=lines.append)
+    # The CLI prints the error once, as one line: no echoed copy, no traceback; no system line per second.
+    assert not [line for line in lines if line.startswith(("error", "system", "Traceback"))], lines
+    assert lines[-1] == "state: crashed"
+    errors = events_of(tmp_path / "run", "error")
+    assert [e["message"] for e in errors] == ["the data went away"] and "traceback" not in errors[0]
+
 def test_stop_at_saves_and_ends_stopped(tiny_data, tmp_path):
     assert train(tmp_path / "run", tiny_config(tiny_data), control=StopAt(7), echo=None) == "stopped"
     assert RunDir.at(tmp_path / "run").latest_checkpoint().name == "step_000007"

@@ -271,8 +271,9 @@ def _check_not_empty(counts: dict, stats: Counter, n_kept: int) -> None:
         raise DataError("no text found in the sources" + (f" ({detail})" if detail else ""))
     if n_kept < 2:
         why = ", ".join(f"{r}={row['documents']}" for r, row in counts["dropped"].items() if row["documents"])
-        raise DataError(f"{n_kept} of {counts['input']['documents']} documents left after filtering and dedup "
-                        f"({why}); need at least 2 (train and val): add text or loosen the filters")
+        raise DataError(f"{n_kept} of {counts['input']['documents']} documents left after filtering and dedup"
+                        + (f" ({why})" if why else "") + "; at least 2 are needed (train and val): "
+                        "add text or loosen the filters")
 
 
 # ---- command line ----------------------------------------------------------------------------
@@ -284,25 +285,34 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="the prepared dataset folder to create")
     parser.add_argument("--val-source", action="append", default=[], metavar="PATH",
                         help="use these sources as the val split instead of a hashed fraction")
-    parser.add_argument("--vocab-size", type=int, default=d.vocab_size)
-    parser.add_argument("--tokenizer", choices=("bpe", "unigram"), default=d.tokenizer)
-    parser.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    parser.add_argument("--vocab-size", type=int, default=d.vocab_size, metavar="N",
+                        help="tokenizer vocabulary, special and byte tokens included (default %(default)s)")
+    parser.add_argument("--tokenizer", choices=("bpe", "unigram"), default=d.tokenizer,
+                        help="SentencePiece model type (default %(default)s)")
+    parser.add_argument("--val-fraction", type=float, default=d.val_fraction, metavar="F",
+                        help="share of documents held out for validation (default %(default)s)")
     parser.add_argument("--blocklist", metavar="FILE", help="drop documents with any of these words (one a line)")
-    parser.add_argument("--doc-chars", type=int, default=d.doc_chars,
-                        help="text files are cut into documents of about N characters")
-    parser.add_argument("--min-chars", type=int, default=d.min_chars)
-    parser.add_argument("--max-line-chars", type=int, default=d.max_line_chars)
-    parser.add_argument("--min-alpha-frac", type=float, default=d.min_alpha_frac)
-    parser.add_argument("--max-dup-line-frac", type=float, default=d.max_dup_line_frac)
-    parser.add_argument("--max-dup-ngram-frac", type=float, default=d.max_dup_ngram_frac)
-    parser.add_argument("--near-dup-threshold", type=float, default=d.near_dup_threshold)
-    parser.add_argument("--no-near-dedup", action="store_true")
+    parser.add_argument("--doc-chars", type=int, default=d.doc_chars, metavar="N",
+                        help="text files are cut into documents of about N characters (default %(default)s)")
+    parser.add_argument("--min-chars", type=int, default=d.min_chars, metavar="N",
+                        help="drop documents shorter than this (default %(default)s)")
+    parser.add_argument("--max-line-chars", type=int, default=d.max_line_chars, metavar="N",
+                        help="drop documents with a longer line (default %(default)s)")
+    parser.add_argument("--min-alpha-frac", type=float, default=d.min_alpha_frac, metavar="F",
+                        help="drop documents with fewer letters than this share (default %(default)s)")
+    parser.add_argument("--max-dup-line-frac", type=float, default=d.max_dup_line_frac, metavar="F",
+                        help="drop documents with more repeated lines than this share (default %(default)s)")
+    parser.add_argument("--max-dup-ngram-frac", type=float, default=d.max_dup_ngram_frac, metavar="F",
+                        help="drop documents with more repeated n-grams than this share (default %(default)s)")
+    parser.add_argument("--near-dup-threshold", type=float, default=d.near_dup_threshold, metavar="F",
+                        help="MinHash similarity above which a document is a near duplicate (default %(default)s)")
+    parser.add_argument("--no-near-dedup", action="store_true", help="keep near duplicates (exact ones still go)")
     parser.add_argument("--tokenizer-from", metavar="PATH",
                         help="reuse the tokenizer of a prepared dataset or run folder (or a .model file)")
-    parser.add_argument("--tokenizer-sample-mb", type=float, default=d.tokenizer_sample_mb,
-                        help="train the tokenizer on at most this much text")
-    parser.add_argument("--threads", type=int, default=d.threads, help="tokenizer threads (0: all cores)")
-    parser.add_argument("--workers", type=int, default=d.workers,
+    parser.add_argument("--tokenizer-sample-mb", type=float, default=d.tokenizer_sample_mb, metavar="MB",
+                        help="train the tokenizer on at most this much text (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=d.threads, metavar="N", help="tokenizer threads (0: all cores)")
+    parser.add_argument("--workers", type=int, default=d.workers, metavar="N",
                         help="processes for cleaning and filtering (0: all cores for inputs over 8 MB)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--quiet", action="store_true", help="print only the report")
