@@ -9,6 +9,7 @@ from __future__ import annotations
 from engine import client
 from engine.config import _parse_value
 from engine.errors import WorkbenchError
+from engine.formatting import terminal_safe
 from engine.rundir import RunDir
 from engine.server import SETTABLE
 
@@ -106,7 +107,7 @@ def live_sample(args) -> int | None:
         else:
             if args.num_samples > 1:
                 print(f"--- sample {i + 1} (live engine, step {reply['step']}) ---")
-            print(args.prompt + reply["text"])
+            print(terminal_safe(args.prompt + reply["text"]))
     return 0
 
 

@@ -35,6 +35,12 @@ def format_mfu(mfu: Any) -> str:
     return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
 
 
+def terminal_safe(text: str) -> str:
+    """Generated text for a terminal: control characters (byte-fallback tokens can produce ESC,
+    which could drive the terminal) are shown escaped; newlines and tabs are kept."""
+    return "".join(c if c in "\n\t" or c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def format_event(event: dict[str, Any], clock: bool = False) -> str | None:
     """One line (an error adds its traceback) for an event; None for events not worth a line.
     `clock` prefixes the event's local time (attach shows history, where the time matters)."""

@@ -8,8 +8,10 @@ starts from <|bos|> + the prompt and stops at <|end|> or after --max-tokens.
 from __future__ import annotations
 
 import json
+import secrets
 
 from engine.errors import ConfigError
+from engine.formatting import terminal_safe
 
 
 def add_arguments(parser) -> None:
@@ -55,6 +57,8 @@ def generate_samples(loaded, prompt: str, n: int, max_tokens: int, temperature: 
 
 def run(args) -> int:
     check_args(args)
+    if args.seed is None:  # a drawn seed, reported, so any sample can be reproduced
+        args.seed = secrets.randbelow(2**31)
     from engine.control_cli import live_sample  # a running engine samples its current weights
 
     if (done := live_sample(args)) is not None:
@@ -73,5 +77,5 @@ def run(args) -> int:
         else:
             if args.num_samples > 1:
                 print(f"--- sample {i + 1} ({loaded.checkpoint.name}) ---")
-            print(args.prompt + text)
+            print(terminal_safe(args.prompt + text))
     return 0

@@ -100,6 +100,7 @@ class Trainer:
         self.last_loss: float | None = None
         self._bad_steps = 0
         self._rollbacks = 0
+        self._saved_step: int | None = None  # the step of the last checkpoint this process wrote
 
     @property
     def max_steps(self) -> int:
@@ -205,6 +206,7 @@ class Trainer:
         }
         path = checkpoint.save(self.rundir, self.model, self.optimizer, state,
                                self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best)
+        self._saved_step = self.step
         self.events.emit("checkpoint", step=self.step, path=str(path.relative_to(self.rundir.root)),
                          val_loss=ev.get("val_loss"))
         return path
@@ -351,7 +353,8 @@ class Trainer:
         if self.stop_requested and self.step < self.max_steps:
             if self._stop_signal:
                 self.log(f"{self._stop_signal} received: stopping at step {self.step} with a checkpoint")
-            self.save_checkpoint()
+            if self._saved_step != self.step:  # e.g. a periodic checkpoint at this very step
+                self.save_checkpoint()
             return "stopped"
         if self.last_eval is None or self.last_eval.get("step") != self.step:
             self.run_eval()

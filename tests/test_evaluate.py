@@ -101,3 +101,21 @@ def test_sample_cli_is_seedable_and_matches_the_library(trained_run):
     again = generate_samples(loaded, "The ", 2, 12, 0.9, 50, 0.95, seed=5)
     assert again == [d["text"] for d in lines]
     assert generate_samples(loaded, "The ", 1, 12, 0.9, 50, 0.95, seed=7) != again[:1]
+
+
+def test_generated_text_is_made_safe_for_the_terminal():
+    from engine.formatting import terminal_safe
+
+    assert terminal_safe("a\x1b[2Jb\nc\td\x17") == "a\\x1b[2Jb\nc\td\\x17"
+
+
+def test_a_sample_without_seed_reports_the_seed_that_reproduces_it(trained_run):
+    from engine.sample_cli import generate_samples
+
+    result = workbench("sample", trained_run, "--prompt", "The ", "--max-tokens", "12", "--json")
+    assert result.returncode == 0, result.stderr
+    drawn = json.loads(result.stdout)
+    assert isinstance(drawn["seed"], int)
+    again = generate_samples(open_run_model(trained_run), "The ", 1, 12, drawn["temperature"], drawn["top_k"],
+                             drawn["top_p"], seed=drawn["seed"])
+    assert again == [drawn["text"]]

@@ -297,3 +297,10 @@ def test_time_budget_ends_the_run_and_decays_the_lr_over_it(tiny_data, tmp_path)
     assert events_of(tmp_path / "run", "eval")[-1]["step"] == last["step"]
     assert RunDir.at(tmp_path / "run").latest_checkpoint().name == f"step_{last['step']:06d}"
     assert lr_at(100, cfg, elapsed_s=0.75) > lr_at(100, cfg, elapsed_s=1.4) > 0
+
+
+def test_a_stop_right_after_a_periodic_checkpoint_saves_that_step_once(tiny_data, tmp_path):
+    assert train(tmp_path / "run", tiny_config(tiny_data), control=StopAt(10), echo=None) == "stopped"
+    saved = [e["step"] for e in events_of(tmp_path / "run", "checkpoint")]
+    assert saved == [10]
+    assert RunDir.at(tmp_path / "run").latest_checkpoint().name == "step_000010"
