@@ -210,6 +210,8 @@ def resolve(path: str | Path, name: str | None = None) -> Path:
     run = RunDir.at(path)
     if not path.exists():
         raise CheckpointError(f"no run or checkpoint at {path}")
+    if name == "latest":
+        name = None
     if name is not None:
         ckpt = run.checkpoints / name
         if not (ckpt / "state.json").is_file():

@@ -250,3 +250,23 @@ def test_nothing_is_ever_unpickled():
     for source in engine.rglob("*.py"):
         text = source.read_text()
         assert "torch.load(" not in text and "import pickle" not in text, source
+
+
+def test_latest_is_a_checkpoint_name_and_run_files_are_ordinary_files(tmp_path):
+    from engine.rundir import atomic_write_text
+
+    run = RunDir.at(tmp_path / "run")
+    (run.checkpoints / "step_000003").mkdir(parents=True)
+    (run.checkpoints / "step_000003" / "state.json").write_text('{"step": 3}')
+    atomic_write_text(run.latest_pointer, "step_000003\n")
+    assert checkpoint.resolve(run.root, "latest") == run.checkpoints / "step_000003"
+    mode = run.latest_pointer.stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
