@@ -288,6 +288,7 @@ def test_live_updates_pause_resume_save_and_stop(live_run):
         await pilot.pause(1.5)
         assert screen.view.latest["step"] == held, "a paused engine takes no steps"
         assert "paused" in status_text(screen)
+        assert str(screen.query_one("#eta").render()) == "ETA on hold"  # not a frozen countdown
 
         await pilot.press("p")
         await wait_for(pilot, lambda: screen.state == "running", timeout=20, what="running again")

@@ -230,10 +230,11 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
         max_steps = latest.get("max_steps") or view.max_steps
         if isinstance(max_steps, int) and max_steps > 0:
             progress.update(total=max_steps, progress=min(latest.get("step") or 0, max_steps))
-        eta = latest.get("eta_s") if self.state in LIVE else None
+        eta = latest.get("eta_s") if self.state in ("starting", "running") else None
         elapsed = latest.get("elapsed_s")
         self.query_one("#eta", Label).update(
-            f"ETA {fmt.duration(eta)}" if eta is not None else f"took {fmt.duration(elapsed)}" if elapsed else "")
+            "ETA on hold" if self.state == "paused" else f"ETA {fmt.duration(eta)}" if eta is not None
+            else f"took {fmt.duration(elapsed)}" if elapsed else "")
         if self.is_current:  # the plot is the costly part: a covered dashboard draws it on return
             self.query_one("#loss-plot", LossPlot).show(view, self.by_tokens)
         self._render_stats(view)
