@@ -250,6 +250,11 @@ def apply_setting(trainer, key: str, value) -> None:
     else:
         section, name = key.split(".")
         setattr(getattr(trainer.cfg, section), name, int(value))
+        # Intervals outlive this engine: a resumed run reads them back from config.toml.
+        # (lr_scale is in every checkpoint's state instead.)
+        from engine.config import to_toml
+
+        atomic_write_text(trainer.rundir.config, to_toml(trainer.cfg))
 
 
 # ---- the engine main ---------------------------------------------------------------

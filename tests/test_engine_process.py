@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine import client
+from engine import config as config_mod
 from engine.errors import WorkbenchError
 from engine.events import read_events
 from engine.process import EngineLock, spawn_detached
@@ -174,6 +175,7 @@ def test_every_control_op(engine):
 
     settings = client.request(run, "set", values={"lr_scale": 0.5, "eval.interval": 7})["settings"]
     assert settings["lr_scale"] == 0.5 and settings["eval.interval"] == 7
+    assert config_mod.load(run / "config.toml").eval.interval == 7  # kept for a resume
     assert "lr_scale=0.5 (was 1.0)" in events_of(run, "log")[-1]["message"]
 
     saved = client.request(run, "save")
