@@ -15,7 +15,6 @@ import torch
 from engine import estimates
 from engine.config import TrainConfig
 from engine.errors import ConfigError
-from engine.formatting import format_mfu  # noqa: F401 - re-exported for callers
 
 
 @dataclass(frozen=True)

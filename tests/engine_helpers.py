@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from engine import config as config_mod
@@ -71,3 +72,14 @@ def events_of(run: Path, kind: str | None = None) -> list[dict]:
 
 def step_losses(run: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in events_of(run, "step")}
+
+
+def wait_for(predicate, timeout: float = 30.0, every: float = 0.02, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy (returned), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -31,17 +31,7 @@ from engine.events import read_events
 from engine.process import EngineLock, spawn_detached
 from engine.rundir import RunDir
 from engine.train import train
-from engine_helpers import cli_env, events_of, tiny_config, tiny_raw, workbench, write_toml
-
-
-def wait_for(predicate, timeout=30.0, every=0.02, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+from engine_helpers import cli_env, events_of, tiny_config, tiny_raw, wait_for, workbench, write_toml
 
 
 def last_step(run: Path) -> int:

@@ -7,7 +7,8 @@ import torch
 
 from engine import estimates
 from engine.config import ModelConfig
-from engine.device import DeviceInfo, format_mfu
+from engine.device import DeviceInfo
+from engine.formatting import format_mfu
 from engine.model import GPT, sample_token
 from kernels import select
 

@@ -9,16 +9,7 @@ import pytest
 
 from engine.events import EventWriter, read_events
 from engine.sysstats import SystemSampler, gpu_stats, open_nvml
-
-
-def wait_for(predicate, timeout=10.0, every=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
+from engine_helpers import wait_for
 
 
 def test_sampler_writes_system_events_at_its_interval(tmp_path):
@@ -26,7 +17,7 @@ def test_sampler_writes_system_events_at_its_interval(tmp_path):
     writer = EventWriter(path)
     sampler = SystemSampler(writer.emit, interval=0.05).start()
     try:
-        wait_for(lambda: len([e for e in read_events(path)[0] if e["type"] == "system"]) >= 4)
+        wait_for(lambda: len([e for e in read_events(path)[0] if e["type"] == "system"]) >= 4, timeout=10)
     finally:
         sampler.stop()
         writer.close()

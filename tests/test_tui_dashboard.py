@@ -17,6 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_helpers import tiny_raw, workbench, write_toml  # noqa: E402
 from tui_fixtures import make_demo_run  # noqa: E402
+from workbench_pilot import wait_for  # noqa: E402
 
 from engine.events import EventWriter  # noqa: E402
 from textual.widgets import ContentSwitcher, Label, RichLog, Sparkline  # noqa: E402
@@ -24,14 +25,6 @@ from workbench.screens.dashboard import DashboardScreen  # noqa: E402
 from workbench.screens.standalone import ScreenApp  # noqa: E402
 from workbench.widgets.plots import LossPlot  # noqa: E402
 from workbench.widgets.system import GpuRows  # noqa: E402
-
-
-async def wait_for(pilot, condition, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await pilot.pause(0.1)
 
 
 def status_text(screen: DashboardScreen) -> str:

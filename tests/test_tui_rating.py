@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,21 +14,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_helpers import tiny_raw, workbench, write_toml  # noqa: E402
 from tui_fixtures import fake_generate, make_demo_run  # noqa: E402
+from workbench_pilot import wait_for  # noqa: E402
 
 from textual.widgets import DataTable, Input, Static  # noqa: E402
 from workbench import ratings  # noqa: E402
 from workbench.screens.leaderboard import LeaderboardScreen  # noqa: E402
 from workbench.screens.rating import RatingScreen, read_prompts  # noqa: E402
 from workbench.screens.standalone import ScreenApp  # noqa: E402
-
-
-async def wait_for(pilot, condition, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            said = [n.message for n in pilot.app._notifications]
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (notifications: {said})")
-        await pilot.pause(0.1)
 
 
 def host(make_screen, body, size=(80, 24)) -> None:

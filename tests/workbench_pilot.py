@@ -28,7 +28,8 @@ async def wait_for(pilot, condition, timeout: float = 30.0, what: str = "conditi
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            said = [n.message for n in pilot.app._notifications]
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (notifications: {said})")
         await pilot.pause(0.1)
 
 
