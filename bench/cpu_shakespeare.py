@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.prepare_speed import measure  # noqa: E402
-from engine import config as config_mod  # noqa: E402
-from engine.data.prepare import prepare  # noqa: E402
-from engine.events import read_events  # noqa: E402
-from engine.train import train  # noqa: E402
+from workbench.engine import config as config_mod  # noqa: E402
+from workbench.engine.data.prepare import prepare  # noqa: E402
+from workbench.engine.events import read_events  # noqa: E402
+from workbench.engine.train import train  # noqa: E402
 
 FINAL_EVAL_RESERVE_S = 2.0  # the full validation pass and the final checkpoint, after the budget
 

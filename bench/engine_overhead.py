@@ -39,15 +39,15 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine import client  # noqa: E402
-from engine import config as config_mod  # noqa: E402
-from engine.events import read_events  # noqa: E402
-from engine.process import spawn_detached  # noqa: E402
+from workbench.engine.process import client  # noqa: E402
+from workbench.engine import config as config_mod  # noqa: E402
+from workbench.engine.events import read_events  # noqa: E402
+from workbench.engine.process.host import spawn_detached  # noqa: E402
 
 
 def prepare_data(folder: Path, max_chars: int = 1_000_000) -> Path:
-    from engine.data.builtin import builtin_documents
-    from engine.data.prepare import prepare
+    from workbench.engine.data.builtin import builtin_documents
+    from workbench.engine.data.prepare import prepare
 
     corpus = folder / "corpus.jsonl"
     total = 0

@@ -72,7 +72,7 @@ def fwd_bwd(fn: Callable, inputs: list) -> Callable[[], None]:
 
 # ------------------------------------------------------------------ the ops
 def build_rmsnorm(dtype, impl):
-    from kernels.rmsnorm import add_rms_norm_cupy, add_rms_norm_reference
+    from workbench.kernels.rmsnorm import add_rms_norm_cupy, add_rms_norm_reference
 
     x, delta = randn(N, C, dtype=dtype), randn(N, C, dtype=dtype)
     w = randn(C, dtype=torch.float32)
@@ -81,7 +81,7 @@ def build_rmsnorm(dtype, impl):
 
 
 def build_rope(dtype, impl):
-    from kernels.rope import rope_cupy, rope_frequencies, rope_reference
+    from workbench.kernels.rope import rope_cupy, rope_frequencies, rope_reference
 
     q, k = randn(B, T, HEADS, HEAD_DIM, dtype=dtype), randn(B, T, HEADS, HEAD_DIM, dtype=dtype)
     cos, sin = rope_frequencies(T, HEAD_DIM, 10000.0, device="cuda")
@@ -90,7 +90,7 @@ def build_rope(dtype, impl):
 
 
 def build_swiglu(dtype, impl):
-    from kernels.swiglu import swiglu_cupy, swiglu_reference
+    from workbench.kernels.swiglu import swiglu_cupy, swiglu_reference
 
     gate, up = randn(N, HIDDEN, dtype=dtype), randn(N, HIDDEN, dtype=dtype)
     return fwd_bwd(pick(impl, swiglu_cupy, swiglu_reference), [gate, up])
@@ -98,7 +98,7 @@ def build_swiglu(dtype, impl):
 
 def build_linear_cross_entropy(dtype, impl):
     """Loss averaged over the tokens (as training does), so the upstream gradient is uniform."""
-    from kernels.linear_cross_entropy import linear_cross_entropy_cupy, linear_cross_entropy_reference
+    from workbench.kernels.linear_cross_entropy import linear_cross_entropy_cupy, linear_cross_entropy_reference
 
     h, w = randn(N, C, dtype=dtype), randn(V, C, dtype=dtype, scale=0.02)
     targets = torch.randint(0, V, (N,), device="cuda")
@@ -127,7 +127,7 @@ def build_adamw(dtype, impl):
     """One optimizer step over fp32 params (the engine keeps fp32 masters under bf16 autocast, so
     --dtype does not apply). Here "eager" is torch.optim.AdamW(fused=True), the target to match, and
     "compile" is torch.compile of the default (foreach) AdamW's step."""
-    from kernels.adamw import AdamW
+    from workbench.kernels.adamw import AdamW
 
     matrices, gains = gpt2_small_params()
     groups = [{"params": matrices, "weight_decay": 0.1}, {"params": gains, "weight_decay": 0.0}]
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("error: bench/kernels.py needs a CUDA GPU (PyTorch sees none)", file=sys.stderr)
         return 1
-    from kernels.cupy_launch import cupy_missing
+    from workbench.kernels.cupy_launch import cupy_missing
 
     if (why := cupy_missing()) is not None:
         print(f"error: the CuPy kernels cannot run here: {why}", file=sys.stderr)

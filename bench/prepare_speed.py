@@ -6,7 +6,7 @@ dedup has real work without dropping everything:
   for others of the same text, so every excerpt is new;
 - the other half are small files ("notes"), one document each: 80% new variations,
   10% exact copies of an earlier note, 10% near copies (1% of the words changed).
-Then runs `python -m engine prepare` on it in a child process, at a quarter of the size and
+Then runs `python -m workbench.engine prepare` on it in a child process, at a quarter of the size and
 at the full size, and prints MB/s and the child's peak RSS for each: the peak must not grow
 with the corpus (streaming). `measure(text_path, mb)` does one size and returns the numbers.
 """
@@ -94,8 +94,8 @@ def build_corpus(text_path: str | Path, mb: float, folder: Path, seed: int = 0) 
 
 
 def run_prepare(corpus: Path, out: Path, extra: list[str] | None = None) -> dict:
-    """Run `python -m engine prepare` in a child; returns seconds and the child's own peak RSS."""
-    cmd = [sys.executable, "-m", "engine", "prepare", "--source", str(corpus), "--out", str(out), "--quiet",
+    """Run `python -m workbench.engine prepare` in a child; returns seconds and the child's own peak RSS."""
+    cmd = [sys.executable, "-m", "workbench.engine", "prepare", "--source", str(corpus), "--out", str(out), "--quiet",
            *(extra or [])]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     start = time.perf_counter()

@@ -5,9 +5,9 @@
     python bench/train_step.py --tiny                 # a quick smoke test of the same path at a tiny shape
     python bench/train_step.py --device cpu --tiny    # no GPU: the reference ops only, in seconds
 
-Each variant is the engine's own training, not a copy of it: `engine.train.Trainer.setup()` builds
-the GPT (engine.model), the optimizer (`ops.adamw` over `model.param_groups`), the device, dtype and
-peak FLOP/s (engine.device) exactly as `workbench train` does, with train.kernels = "torch" or "cupy"
+Each variant is the engine's own training, not a copy of it: `workbench.engine.train.Trainer.setup()` builds
+the GPT (workbench.engine.model), the optimizer (`ops.adamw` over `model.param_groups`), the device, dtype and
+peak FLOP/s (workbench.engine.device) exactly as `workbench train` does, with train.kernels = "torch" or "cupy"
 and train.compile as the variant says. Each timed step is `Trainer.train_step()`: a batch from the
 train memmap, forward and backward under bf16 autocast, gradient clipping, the step's one host sync
 (loss and grad norm), the optimizer step. A step that comes out non-finite stops the benchmark.
@@ -16,7 +16,7 @@ Shape: 12 layers, 768 wide, 12 heads, T = 1024, SwiGLU, tied embeddings, V = 327
 Data: a prepared dataset (--data), else ~300 kB of the built-in corpus prepared in a temp folder
 with a 1024-token vocabulary; the model keeps its own vocab (which ids occur does not change the cost).
 Timing: CUDA events around every step after --warmup steps; step ms is the median of --steps,
-tokens/s follows from it, MFU is engine.device's for the detected GPU (n/a when not in the table),
+tokens/s follows from it, MFU is workbench.engine.device's for the detected GPU (n/a when not in the table),
 peak memory is torch's max allocated during the timed steps. Loss is the last timed step's: with the
 same seed and batches, ours and the reference should agree to bf16 noise.
 
@@ -43,10 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from bench.engine_overhead import prepare_data
-from engine import config as config_mod
-from engine.errors import WorkbenchError
-from engine.estimates import human
-from engine.train import Trainer
+from workbench.engine import config as config_mod
+from workbench.engine.errors import WorkbenchError
+from workbench.engine.estimates import human
+from workbench.engine.train import Trainer
 
 GPT2_SMALL = {"n_layer": 12, "n_head": 12, "d_model": 768, "seq_len": 1024}
 TINY = {"n_layer": 2, "n_head": 2, "d_model": 64, "seq_len": 64}
@@ -163,7 +163,7 @@ def verdicts(args, results: list[Result], peak_flops: float | None) -> list[str]
     elif not speedups:
         verdict, why = "n/a", "it needs both --kernels torch and cupy, and CuPy needs CUDA"
     elif best_mfu is None:
-        verdict, why = "n/a", "no peak FLOP/s for this device in engine.estimates, so no MFU"
+        verdict, why = "n/a", "no peak FLOP/s for this device in workbench.engine.estimates, so no MFU"
     else:
         verdict, why = ("PASS" if all(passed) else "FAIL"), ""
     if why:
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     kernels = args.kernels or (["torch", "cupy"] if args.device == "cuda" else ["torch"])
     if "cupy" in kernels:
-        from kernels.cupy_launch import cupy_missing
+        from workbench.kernels.cupy_launch import cupy_missing
 
         if (why := cupy_missing()) is not None:
             print(f"error: the CuPy kernels cannot run here: {why} (`--kernels torch` runs the reference alone)",

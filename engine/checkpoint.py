@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.errors import CheckpointError
-from engine.rundir import RunDir, atomic_write_text, fsync_dir
+from workbench.engine.errors import CheckpointError
+from workbench.engine.rundir import RunDir, atomic_write_text, fsync_dir
 
 if TYPE_CHECKING:
     import torch
@@ -337,13 +337,13 @@ def load_optimizer(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Op
 
 @dataclass
 class LoadedModel:
-    cfg: Any  # engine.config.RunConfig
+    cfg: Any  # workbench.engine.config.RunConfig
     model: torch.nn.Module
-    tokenizer: Any  # engine.tokenizer.Tokenizer
+    tokenizer: Any  # workbench.engine.data.tokenizer.Tokenizer
     checkpoint: Path
     state: dict[str, Any]
-    device: Any  # engine.device.DeviceInfo
-    dataset: Any = None  # engine.dataset.Dataset when asked for
+    device: Any  # workbench.engine.device.DeviceInfo
+    dataset: Any = None  # workbench.engine.data.dataset.Dataset when asked for
 
 
 def open_run_model(run_path: str | Path, name: str | None = None, need_data: bool = False) -> LoadedModel:
@@ -354,9 +354,9 @@ def open_run_model(run_path: str | Path, name: str | None = None, need_data: boo
     """
     import dataclasses
 
-    from engine import config as config_mod
-    from engine.dataset import Dataset
-    from engine.tokenizer import Tokenizer
+    from workbench.engine import config as config_mod
+    from workbench.engine.data.dataset import Dataset
+    from workbench.engine.data.tokenizer import Tokenizer
 
     run = RunDir.at(run_path)
     if not run.exists():
@@ -369,9 +369,9 @@ def open_run_model(run_path: str | Path, name: str | None = None, need_data: boo
     check_tokenizer(ckpt, state, tokenizer.sha256)
     data = verify_file(ckpt, "model.safetensors", state)  # a corrupt file fails here, before torch loads
 
-    from engine.device import device_info
-    from engine.model import GPT
-    from kernels import select
+    from workbench.engine.device import device_info
+    from workbench.engine.model import GPT
+    from workbench.kernels import select
 
     # Inference runs wherever this machine allows, whatever device the run trained on.
     info = device_info(dataclasses.replace(cfg.train, device="auto", dtype="auto"))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ConfigError
+from workbench.engine.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 

@@ -1,6 +1,6 @@
 """Where a run computes: the torch device, the compute dtype, and the peak FLOP/s that MFU is measured against.
 
-The peak comes from engine.estimates: a GPU by its name in the table (bf16 tensor-core or
+The peak comes from workbench.engine.estimates: a GPU by its name in the table (bf16 tensor-core or
 fp32 peak), the CPU from its cores, clock and vector width. An unknown GPU has no peak:
 MFU is then None and shown as "n/a", never a guess against some other card.
 """
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import estimates
-from engine.config import TrainConfig
-from engine.errors import ConfigError
+from workbench.engine import estimates
+from workbench.engine.config import TrainConfig
+from workbench.engine.errors import ConfigError
 
 
 @dataclass(frozen=True)

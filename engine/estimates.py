@@ -1,6 +1,6 @@
 """Size, cost and time estimates for a model shape, in plain Python (no torch).
 
-The TUI's design screen calls these for live estimates and engine.model checks
+The TUI's design screen calls these for live estimates and workbench.engine.model checks
 its real parameter count against `param_count`, so the two never drift apart.
 FLOPs follow the PaLM/nanoGPT convention: 6 * (matmul parameters) per token for
 forward+backward, plus 12 * n_layer * d_model * seq_len for attention scores.

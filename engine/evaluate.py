@@ -123,12 +123,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from engine.errors import ConfigError
-    from engine.checkpoint import open_run_model
+    from workbench.engine.errors import ConfigError
+    from workbench.engine.checkpoint import open_run_model
 
     if args.max_batches < 0 or (args.worst is not None and args.worst < 0):
         raise ConfigError("--max-batches and --worst must not be negative")
-    from engine.control_cli import live_eval  # a running engine evaluates its current weights
+    from workbench.engine.cli.control import live_eval  # a running engine evaluates its current weights
 
     if (done := live_eval(args)) is not None:
         return done

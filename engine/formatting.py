@@ -9,7 +9,7 @@ import math
 import time
 from typing import Any
 
-from engine.estimates import human
+from workbench.engine.estimates import human
 
 
 def _fmt(value: Any, spec: str) -> str:

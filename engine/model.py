@@ -2,7 +2,7 @@
 
 Pre-norm blocks with RMSNorm, rotary position embeddings, SwiGLU, no biases, optional
 grouped-query attention (n_kv_head < n_head) and optional tied input/output embeddings.
-Every elementwise op and the loss go through `kernels.select(...)` -> Ops, so the same
+Every elementwise op and the loss go through `workbench.kernels.select(...)` -> Ops, so the same
 model runs on the PyTorch references (CPU) or the CuPy kernels (CUDA). The residual add
 is fused into the norm: `add_rms_norm(residual, delta, w)` returns the new residual and
 the normed input of the next sub-layer.
@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import estimates
-from engine.config import ModelConfig
-from engine.errors import ConfigError
-from kernels import Ops
-from kernels.rope import rope_frequencies
+from workbench.engine import estimates
+from workbench.engine.config import ModelConfig
+from workbench.engine.errors import ConfigError
+from workbench.kernels import Ops
+from workbench.kernels.rope import rope_frequencies
 
 
 class RMSNorm(nn.Module):

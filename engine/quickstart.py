@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine.errors import ConfigError
+from workbench.engine.errors import ConfigError
 
 DEFAULT_STEPS = 300
 SAMPLE_PROMPT = "The "
@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
 
 
 def free_run_dir(path: Path) -> Path:
-    from engine.train_cli import run_exists
+    from workbench.engine.cli.train import run_exists
 
     if not run_exists(path):
         return path
@@ -37,7 +37,7 @@ def free_run_dir(path: Path) -> Path:
 
 
 def ensure_builtin_data(data: Path) -> None:
-    from engine.data.prepare import prepare
+    from workbench.engine.data.prepare import prepare
 
     if data.is_dir() and (data / "train.bin").is_file():
         print(f"using the prepared corpus in {data}")
@@ -53,7 +53,7 @@ def ensure_builtin_data(data: Path) -> None:
 
 def quickstart_config(steps: int, data: Path | None = None):
     """The tiny preset as the quick start trains it (the CLI and the TUI's quick start share it)."""
-    from engine import config as config_mod
+    from workbench.engine import config as config_mod
 
     interval = max(1, steps // 3)
     cfg = config_mod.load(preset="tiny", overrides=[
@@ -74,9 +74,9 @@ def run(args) -> int:
     cfg = quickstart_config(args.steps, data)
     run_dir = free_run_dir(Path(args.run))
 
-    from engine.checkpoint import open_run_model
-    from engine.sample_cli import generate_samples
-    from engine.train import train
+    from workbench.engine.checkpoint import open_run_model
+    from workbench.engine.cli.sample import generate_samples
+    from workbench.engine.train import train
 
     print(f"training the tiny preset in {run_dir} for {args.steps} steps", flush=True)
     state = train(run_dir, cfg)

@@ -81,7 +81,7 @@ class RunDir:
     def write_run_files(self, cfg, tokenizer) -> None:
         """config.toml (the resolved config) and a copy of the tokenizer, so the run can be
         sampled even after its data moved. config.toml is written last: it marks a run as existing."""
-        from engine.config import to_toml
+        from workbench.engine.config import to_toml
 
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.root / "tokenizer.model", tokenizer.model_bytes)

@@ -3,7 +3,7 @@
     state = train(run_dir, cfg, resume=False, init_from=None, control=None, echo=print)
 
 Everything the loop does is written as events to the run's events.jsonl (see
-engine.events); `echo` also prints them, one line each, in the foreground.
+workbench.engine.events); `echo` also prints them, one line each, in the foreground.
 
 Exact resume needs no data-loader state: the batch of optimizer step s, micro-step m is
 a pure function of (seed, s, m) -- numpy's default_rng([seed, s, m]) picks the window
@@ -26,19 +26,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from engine import checkpoint
-from engine import config as config_mod
-from engine.config import RunConfig
-from engine.control import Control
-from engine.dataset import Dataset
-from engine.device import device_info
-from engine.errors import ConfigError, DataError, WorkbenchError
-from engine.estimates import human
-from engine.events import EventWriter
-from engine.formatting import format_event
-from engine.model import GPT
-from engine.rundir import RunDir
-from kernels import select
+from workbench.engine import checkpoint
+from workbench.engine import config as config_mod
+from workbench.engine.config import RunConfig
+from workbench.engine.control import Control
+from workbench.engine.data.dataset import Dataset
+from workbench.engine.device import device_info
+from workbench.engine.errors import ConfigError, DataError, WorkbenchError
+from workbench.engine.estimates import human
+from workbench.engine.events import EventWriter
+from workbench.engine.formatting import format_event
+from workbench.engine.model import GPT
+from workbench.engine.rundir import RunDir
+from workbench.kernels import select
 
 MAX_BAD_STEPS = 3  # non-finite steps in a row before rolling back to the last checkpoint
 MAX_ROLLBACKS = 5  # then give up: lowering the lr again and again is not going to help
@@ -74,7 +74,7 @@ def lr_at(step: int, cfg: RunConfig, elapsed_s: float = 0.0) -> float:
 class Trainer:
     """One run's training: model, optimizer, data, schedule, checkpoints and events.
 
-    The attributes and methods a Control may use are listed in engine.control.
+    The attributes and methods a Control may use are listed in workbench.engine.control.
     """
 
     def __init__(self, run_dir: str | Path, cfg: RunConfig | None = None, *, resume: bool = False,
@@ -212,7 +212,7 @@ class Trainer:
         return path
 
     def run_eval(self) -> dict:
-        from engine.evaluate import evaluate
+        from workbench.engine.evaluate import evaluate
 
         e = self.cfg.eval
         result = evaluate(self.model, self.dataset, self.cfg.train.batch_size, self.cfg.model.seq_len,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from engine.errors import ConfigError
+from workbench.engine.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,11 @@ class Ops:
 
 
 def reference_ops(reason: str) -> Ops:
-    from kernels.adamw import adamw_reference
-    from kernels.linear_cross_entropy import linear_cross_entropy_reference
-    from kernels.rmsnorm import add_rms_norm_reference
-    from kernels.rope import rope_reference
-    from kernels.swiglu import swiglu_reference
+    from workbench.kernels.adamw import adamw_reference
+    from workbench.kernels.linear_cross_entropy import linear_cross_entropy_reference
+    from workbench.kernels.rmsnorm import add_rms_norm_reference
+    from workbench.kernels.rope import rope_reference
+    from workbench.kernels.swiglu import swiglu_reference
 
     return Ops("torch", reason, add_rms_norm_reference, rope_reference, swiglu_reference,
                linear_cross_entropy_reference, adamw_reference)
@@ -46,14 +46,14 @@ CUPY_SOURCES = ["rmsnorm.cu", "rope.cu", "swiglu.cu", "linear_cross_entropy.cu",
 
 def cupy_ops() -> Ops:
     """The CuPy kernels; raises ImportError/RuntimeError when they cannot load here."""
-    from kernels.cupy_launch import require
+    from workbench.kernels.cupy_launch import require
 
     require(CUPY_SOURCES)  # CuPy importable, a CUDA device, and every file compiles (NVRTC) on it
-    from kernels.adamw import adamw_cupy
-    from kernels.linear_cross_entropy import linear_cross_entropy_cupy
-    from kernels.rmsnorm import add_rms_norm_cupy
-    from kernels.rope import rope_cupy
-    from kernels.swiglu import swiglu_cupy
+    from workbench.kernels.adamw import adamw_cupy
+    from workbench.kernels.linear_cross_entropy import linear_cross_entropy_cupy
+    from workbench.kernels.rmsnorm import add_rms_norm_cupy
+    from workbench.kernels.rope import rope_cupy
+    from workbench.kernels.swiglu import swiglu_cupy
 
     return Ops("cupy", "CuPy CUDA kernels (kernels/*.cu)", add_rms_norm_cupy, rope_cupy, swiglu_cupy,
                linear_cross_entropy_cupy, adamw_cupy)

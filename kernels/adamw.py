@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kernels.cupy_launch import backend_for
+from workbench.kernels.cupy_launch import backend_for
 
 SOURCE = "adamw.cu"
 CHUNK_SIZE = 65536  # elements per block: ~1900 blocks for GPT-2 small's 124M parameters
@@ -68,7 +68,7 @@ class AdamW(torch.optim.Optimizer):
     """torch.optim.AdamW's update and state, computed by the multi-tensor kernel in adamw.cu.
 
     Not supported (raise): amsgrad, maximize, sparse gradients. `backend` launches the kernels
-    (default: kernels.cupy_launch.backend_for the params' device: CuPy on CUDA)."""
+    (default: workbench.kernels.cupy_launch.backend_for the params' device: CuPy on CUDA)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, backend=None,

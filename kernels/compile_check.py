@@ -1,7 +1,7 @@
 """Compile every kernels/*.cu with nvcc for sm_80 and sm_90 and report registers and spills.
 
-    python -m kernels.compile_check                  # all files, sm_80 and sm_90
-    python -m kernels.compile_check --arch sm_90 kernels/rmsnorm.cu
+    python -m workbench.kernels.compile_check                  # all files, sm_80 and sm_90
+    python -m workbench.kernels.compile_check --arch sm_90 kernels/rmsnorm.cu
 
 Builds a cubin per file and architecture (`nvcc -cubin -Xptxas -v`) from the same text CuPy
 compiles at run time (`nvrtc_source`: the file with its local headers pasted in), and prints one line per kernel: registers, spill stores/loads (bytes)
@@ -122,7 +122,7 @@ def compile_file(path: Path, arch: str, compiler: str | None = None) -> list[Ker
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m workbench.kernels.compile_check", description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", type=Path, help="kernel files (default: every kernels/*.cu)")
     parser.add_argument("--arch", action="append", help="a GPU architecture, repeatable (default: sm_80 and sm_90)")
     args = parser.parse_args(argv)

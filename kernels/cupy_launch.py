@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels.compile_check import nvrtc_source
+from workbench.kernels.compile_check import nvrtc_source
 
 KERNELS_DIR = Path(__file__).resolve().parent
 NVRTC_OPTIONS = ("--std=c++17",)  # local headers are pasted in by nvrtc_source

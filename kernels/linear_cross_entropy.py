@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.cupy_launch import backend_for, check
+from workbench.kernels.cupy_launch import backend_for, check
 
 SOURCE = "linear_cross_entropy.cu"
 # Logits per chunk: 128 MiB in bf16, 2048 tokens at V=32768 (4 chunks at N=8192). Smaller chunks

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kernels.cupy_launch import aligned, backend_for, check, rows_of
+from workbench.kernels.cupy_launch import aligned, backend_for, check, rows_of
 
 
 def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kernels.cupy_launch import aligned, backend_for, check
+from workbench.kernels.cupy_launch import aligned, backend_for, check
 
 
 def rope_frequencies(seq_len: int, head_dim: int, theta: float,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.cupy_launch import aligned, backend_for, check, rows_of
+from workbench.kernels.cupy_launch import aligned, backend_for, check, rows_of
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ import pytest
 
 
 def _prepare_builtin_slice(folder: Path, vocab_size: int, max_chars: int = 300_000, skip_docs: int = 0) -> Path:
-    from engine.data.builtin import builtin_documents
-    from engine.data.prepare import prepare
+    from workbench.engine.data.builtin import builtin_documents
+    from workbench.engine.data.prepare import prepare
 
     folder.mkdir(parents=True, exist_ok=True)
     corpus = folder / "corpus.jsonl"
@@ -47,7 +47,7 @@ def other_tokenizer_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tiny_data, tmp_path_factory) -> Path:
     """A finished 20-step run of the tiny test model (checkpoints at steps 10 and 20). Copy it before changing it."""
-    from engine.train import train
+    from workbench.engine.train import train
     from engine_helpers import tiny_config
 
     run = tmp_path_factory.mktemp("trained") / "run"

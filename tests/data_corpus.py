@@ -65,7 +65,7 @@ def write_corpus(folder: Path, n_docs: int = 40, seed: int = 0) -> Path:
 
 def make_dataset(tmp: Path, n_docs: int = 40, vocab_size: int = 320, seed: int = 0, **settings) -> Path:
     """Write a corpus under tmp/corpus and prepare it into tmp/data; returns the dataset folder."""
-    from engine.data.prepare import prepare
+    from workbench.engine.data.prepare import prepare
 
     corpus = write_corpus(Path(tmp) / "corpus", n_docs, seed)
     out = Path(tmp) / "data"

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine import config as config_mod
+from workbench.engine import config as config_mod
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ def cli_env() -> dict:
 
 
 def events_of(run: Path, kind: str | None = None) -> list[dict]:
-    from engine.events import read_events
+    from workbench.engine.events import read_events
 
     events, _ = read_events(Path(run) / "events.jsonl")
     return [e for e in events if kind is None or e["type"] == kind]

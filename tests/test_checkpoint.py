@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine import checkpoint
-from engine.config import ModelConfig
-from engine.errors import CheckpointError
-from engine.model import GPT
-from engine.rundir import RunDir
+from workbench.engine import checkpoint
+from workbench.engine.config import ModelConfig
+from workbench.engine.errors import CheckpointError
+from workbench.engine.model import GPT
+from workbench.engine.rundir import RunDir
 from engine_helpers import cli_env
-from kernels import select
+from workbench.kernels import select
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -158,8 +158,8 @@ def test_kill_9_during_saves_never_leaves_a_visible_partial_checkpoint(tmp_path)
         import sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_checkpoint import trained_pair, state_for
-        from engine import checkpoint
-        from engine.rundir import RunDir
+        from workbench.engine import checkpoint
+        from workbench.engine.rundir import RunDir
         model, opt = trained_pair(1)
         model.wte.weight.data = torch.randn(4000, 32)  # a bigger file: a wider window to be killed in
         run = RunDir.at({str(tmp_path / 'run')!r})
@@ -253,7 +253,7 @@ def test_nothing_is_ever_unpickled():
 
 
 def test_latest_is_a_checkpoint_name_and_run_files_are_ordinary_files(tmp_path):
-    from engine.rundir import atomic_write_text
+    from workbench.engine.rundir import atomic_write_text
 
     run = RunDir.at(tmp_path / "run")
     (run.checkpoints / "step_000003").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""engine.client (the library the TUI uses) and the control protocol, without torch.
+"""workbench.engine.process.client (the library the TUI uses) and the control protocol, without torch.
 
 A run's engine is stood in for by a small process that holds the run's real
 EngineLock (no torch, starts in milliseconds), so every lock/pid/state combination
@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from engine import client
-from engine.events import EventWriter, read_events
-from engine.server import MAX_REQUEST_BYTES, ControlServer, RequestError, parse_request
+from workbench.engine.process import client
+from workbench.engine.events import EventWriter, read_events
+from workbench.engine.process.server import MAX_REQUEST_BYTES, ControlServer, RequestError, parse_request
 from engine_helpers import cli_env, workbench
 
 HOLDER = """
 import sys, time
-from engine.process import EngineLock
-from engine.rundir import RunDir
+from workbench.engine.process.host import EngineLock
+from workbench.engine.rundir import RunDir
 EngineLock(RunDir.at(sys.argv[1])).acquire()
 print("locked", flush=True)
 time.sleep(600)
@@ -71,8 +71,8 @@ def emit(run: Path, kind: str, **fields) -> None:
 
 
 def test_client_and_cli_views_import_no_torch():
-    code = ("import sys, engine.client, engine.server, engine.attach_cli, engine.runs_cli, engine.control_cli, "
-            "engine.sysstats, engine.process; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    code = ("import sys, workbench.engine.process.client, workbench.engine.process.server, workbench.engine.cli.attach, workbench.engine.cli.runs, workbench.engine.cli.control, "
+            "workbench.engine.sysstats, workbench.engine.process.host; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "torch" not in out.stdout

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from data_corpus import document
-from engine.data.clean import clean_text
-from engine.data.dedup import NearDedup, digest, shingle_hashes
-from engine.data.filters import QualityFilter, alpha_fraction, dup_line_fraction
-from engine.errors import DataError
+from workbench.engine.data.clean import clean_text
+from workbench.engine.data.dedup import NearDedup, digest, shingle_hashes
+from workbench.engine.data.filters import QualityFilter, alpha_fraction, dup_line_fraction
+from workbench.engine.errors import DataError
 
 GOOD = document(random.Random(0))
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from data_corpus import document, write_corpus
-from engine.data.prepare import prepare
-from engine.dataset import Dataset
-from engine.errors import DataError
+from workbench.engine.data.prepare import prepare
+from workbench.engine.data.dataset import Dataset
+from workbench.engine.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"vocab_size": 320, "val_fraction": 0.2}
@@ -176,7 +176,7 @@ def test_builtin_corpus_prepares(tmp_path):
 
 def _cli(*args, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "engine", "prepare", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "workbench.engine", "prepare", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
 
@@ -208,7 +208,7 @@ def test_kill_9_mid_prepare_leaves_the_old_dataset_whole(tmp_path):
     old = (out / "train.bin").read_bytes()
     big = write_corpus(tmp_path / "big", n_docs=3000, seed=2)  # a few seconds of work
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-m", "engine", "prepare", "--source", str(big), "--out", str(out),
+    child = subprocess.Popen([sys.executable, "-m", "workbench.engine", "prepare", "--source", str(big), "--out", str(out),
                               "--force", "--vocab-size", "320", "--quiet", "--progress-json"],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
     first = json.loads(child.stdout.readline())  # it is under way

@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 
-from engine.data.builtin import builtin_documents
-from engine.data.sources import check_sources, read_documents, split_documents
-from engine.errors import DataError
+from workbench.engine.data.builtin import builtin_documents
+from workbench.engine.data.sources import check_sources, read_documents, split_documents
+from workbench.engine.errors import DataError
 
 
 def read(paths, doc_chars=8000):

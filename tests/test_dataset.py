@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from data_corpus import make_dataset
-from engine.dataset import Dataset
-from engine.errors import DataError
-from engine.shards import HEADER_BYTES
+from workbench.engine.data.dataset import Dataset
+from workbench.engine.errors import DataError
+from workbench.engine.data.shards import HEADER_BYTES
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import client
-from engine import config as config_mod
-from engine.errors import WorkbenchError
-from engine.events import read_events
-from engine.process import EngineLock, spawn_detached
-from engine.rundir import RunDir
-from engine.train import train
+from workbench.engine.process import client
+from workbench.engine import config as config_mod
+from workbench.engine.errors import WorkbenchError
+from workbench.engine.events import read_events
+from workbench.engine.process.host import EngineLock, spawn_detached
+from workbench.engine.rundir import RunDir
+from workbench.engine.train import train
 from engine_helpers import cli_env, events_of, tiny_config, tiny_raw, wait_for, workbench, write_toml
 
 
@@ -281,7 +281,7 @@ def test_a_second_engine_on_the_same_run_is_refused(engine, tmp_path):
     # The engine's own guard, for two starts racing past that check: the lock itself.
     with pytest.raises(WorkbenchError, match="already running"):
         EngineLock(RunDir.at(run)).acquire()
-    direct = subprocess.run([sys.executable, "-m", "engine.process", str(run), "--resume"], env=cli_env(),
+    direct = subprocess.run([sys.executable, "-m", "workbench.engine.process.host", str(run), "--resume"], env=cli_env(),
                             capture_output=True, text=True, timeout=120)
     assert direct.returncode == 2 and "error: an engine is already running" in direct.stderr
     assert client.run_state(run) == "running"

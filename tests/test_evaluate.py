@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import open_run_model
-from engine.evaluate import evaluate, summarize, token_losses, val_windows, worst_documents
+from workbench.engine.checkpoint import open_run_model
+from workbench.engine.evaluate import evaluate, summarize, token_losses, val_windows, worst_documents
 from engine_helpers import events_of, workbench
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -89,7 +89,7 @@ def test_eval_cli_reports_metrics_and_worst_documents(trained_run, tiny_data):
 
 
 def test_sample_cli_is_seedable_and_matches_the_library(trained_run):
-    from engine.sample_cli import generate_samples
+    from workbench.engine.cli.sample import generate_samples
 
     result = workbench("sample", trained_run, "--prompt", "The ", "-n", "2", "--temperature", "0.9",
                        "--top-k", "50", "--top-p", "0.95", "--max-tokens", "12", "--seed", "5", "--json")
@@ -104,13 +104,13 @@ def test_sample_cli_is_seedable_and_matches_the_library(trained_run):
 
 
 def test_generated_text_is_made_safe_for_the_terminal():
-    from engine.formatting import terminal_safe
+    from workbench.engine.formatting import terminal_safe
 
     assert terminal_safe("a\x1b[2Jb\nc\td\x17") == "a\\x1b[2Jb\nc\td\\x17"
 
 
 def test_a_sample_without_seed_reports_the_seed_that_reproduces_it(trained_run):
-    from engine.sample_cli import generate_samples
+    from workbench.engine.cli.sample import generate_samples
 
     result = workbench("sample", trained_run, "--prompt", "The ", "--max-tokens", "12", "--json")
     assert result.returncode == 0, result.stderr

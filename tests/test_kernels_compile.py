@@ -1,7 +1,7 @@
 """Every kernels/*.cu compiles with nvcc for sm_80 (A100) and sm_90 (H100), no GPU needed.
 
 The build's registers and spills per kernel are printed (run pytest with -s to see them, or
-`python -m kernels.compile_check`).
+`python -m workbench.kernels.compile_check`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from kernels import compile_check
+from workbench.kernels import compile_check
 
 NVCC = compile_check.nvcc()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed: "
@@ -37,13 +37,13 @@ def test_kernel_file_compiles(path, arch):
 
 
 def test_compile_check_command(tmp_path):
-    good = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--arch", "sm_90",
+    good = subprocess.run([sys.executable, "-m", "workbench.kernels.compile_check", "--arch", "sm_90",
                            str(compile_check.KERNELS_DIR / "swiglu.cu")], capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
     assert "swiglu_fwd_bf16_v8" in good.stdout and "regs" in good.stdout
     bad = tmp_path / "broken.cu"
     bad.write_text('extern "C" __global__ void k(float* x) { x[0] = not_declared; }\n')
-    out = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--arch", "sm_80", str(bad)],
+    out = subprocess.run([sys.executable, "-m", "workbench.kernels.compile_check", "--arch", "sm_80", str(bad)],
                          capture_output=True, text=True)
     assert out.returncode == 1
     assert "error: broken.cu (sm_80)" in out.stderr and "not_declared" in out.stderr

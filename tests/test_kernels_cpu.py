@@ -13,12 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cupy_launch import cpu_backend
-from kernels.emulation import harness
-from kernels.emulation.harness import EmulationBackend
-from kernels.rmsnorm import add_rms_norm_cupy, add_rms_norm_op, add_rms_norm_reference
-from kernels.rope import rope_cupy, rope_frequencies, rope_reference, rope_rotate_op
-from kernels.swiglu import swiglu_cupy, swiglu_op, swiglu_reference
+from workbench.kernels.cupy_launch import cpu_backend
+from workbench.kernels.emulation import harness
+from workbench.kernels.emulation.harness import EmulationBackend
+from workbench.kernels.rmsnorm import add_rms_norm_cupy, add_rms_norm_op, add_rms_norm_reference
+from workbench.kernels.rope import rope_cupy, rope_frequencies, rope_reference, rope_rotate_op
+from workbench.kernels.swiglu import swiglu_cupy, swiglu_op, swiglu_reference
 
 pytestmark = pytest.mark.skipif(harness.compiler_missing() is not None,
                                 reason=harness.compiler_missing() or "")
@@ -281,9 +281,9 @@ def test_misaligned_inputs_take_the_scalar_path():
 def test_tiny_gpt_with_the_emulated_kernels_matches_the_reference_model():
     # the engine's real model (grouped-query attention, fused qkv and gate/up projections) with
     # our RMSNorm, RoPE and SwiGLU kernels against the same model on the reference ops
-    from engine.config import ModelConfig
-    from engine.model import GPT
-    from kernels import Ops, reference_ops
+    from workbench.engine.config import ModelConfig
+    from workbench.engine.model import GPT
+    from workbench.kernels import Ops, reference_ops
 
     ref_ops = reference_ops("test")
     ours = Ops("cupy", "test", add_rms_norm_cupy, rope_cupy, swiglu_cupy,
@@ -310,7 +310,7 @@ def test_tiny_gpt_with_the_emulated_kernels_matches_the_reference_model():
 def test_kernel_arguments_get_explicit_sizes_for_cupy():
     import numpy as np
 
-    from kernels.cupy_launch import kernel_arg
+    from workbench.kernels.cupy_launch import kernel_arg
 
     t = torch.zeros(3)
     assert kernel_arg(t) == np.uint64(t.data_ptr()) and kernel_arg(t).dtype == np.uint64

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.emulation import harness
-from kernels.emulation.harness import EmulationError
+from workbench.kernels.emulation import harness
+from workbench.kernels.emulation.harness import EmulationError
 
 pytestmark = pytest.mark.skipif(harness.compiler_missing() is not None,
                                 reason=harness.compiler_missing() or "")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cupy_launch import cupy_missing
+from workbench.kernels.cupy_launch import cupy_missing
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(cupy_missing() is not None, reason=f"needs CUDA and CuPy: {cupy_missing()}")]
@@ -42,7 +42,7 @@ def grads(outputs, inputs, seed=1):
 @pytest.mark.parametrize("shape", [(3, 423, 213), (8, 1024, 768), (2, 64, 4096)])
 @pytest.mark.parametrize("with_delta", [True, False])
 def test_add_rms_norm(dtype, shape, with_delta):
-    from kernels.rmsnorm import add_rms_norm_cupy, add_rms_norm_reference
+    from workbench.kernels.rmsnorm import add_rms_norm_cupy, add_rms_norm_reference
 
     x = leaf(*shape, dtype=dtype, seed=0)
     delta = leaf(*shape, dtype=dtype, seed=1) if with_delta else None
@@ -62,7 +62,7 @@ def test_add_rms_norm(dtype, shape, with_delta):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B, T, H, Hk, D", [(3, 423, 2, 1, 64), (8, 1024, 12, 12, 64), (2, 33, 4, 2, 10)])
 def test_rope(dtype, B, T, H, Hk, D):
-    from kernels.rope import rope_cupy, rope_frequencies, rope_reference
+    from workbench.kernels.rope import rope_cupy, rope_frequencies, rope_reference
 
     q, k = leaf(B, T, H, D, dtype=dtype, seed=0), leaf(B, T, Hk, D, dtype=dtype, seed=1)
     cos, sin = rope_frequencies(T, D, 10000.0, device="cuda")
@@ -77,7 +77,7 @@ def test_rope(dtype, B, T, H, Hk, D):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 423, 213), (8, 1024, 2048)])
 def test_swiglu(dtype, shape):
-    from kernels.swiglu import swiglu_cupy, swiglu_reference
+    from workbench.kernels.swiglu import swiglu_cupy, swiglu_reference
 
     gate, up = leaf(*shape, dtype=dtype, seed=0, scale=3.0), leaf(*shape, dtype=dtype, seed=1)
     out = swiglu_cupy(gate, up)
@@ -89,9 +89,9 @@ def test_swiglu(dtype, shape):
 
 
 def test_ops_on_a_side_stream_and_under_torch_compile():
-    from kernels.rmsnorm import add_rms_norm_cupy, add_rms_norm_reference
-    from kernels.rope import rope_cupy, rope_frequencies, rope_reference
-    from kernels.swiglu import swiglu_cupy, swiglu_reference
+    from workbench.kernels.rmsnorm import add_rms_norm_cupy, add_rms_norm_reference
+    from workbench.kernels.rope import rope_cupy, rope_frequencies, rope_reference
+    from workbench.kernels.swiglu import swiglu_cupy, swiglu_reference
 
     torch._dynamo.reset()
     x, delta = leaf(4, 64, 256, dtype=torch.bfloat16, seed=0), leaf(4, 64, 256, dtype=torch.bfloat16, seed=1)
@@ -122,9 +122,9 @@ def test_ops_on_a_side_stream_and_under_torch_compile():
 
 def test_select_and_input_errors():
     import kernels
-    from kernels.swiglu import swiglu_cupy
+    from workbench.kernels.swiglu import swiglu_cupy
 
-    ops = kernels.select("cupy", "cuda")
+    ops = workbench.kernels.select("cupy", "cuda")
     assert ops.name == "cupy"
     with pytest.raises(ValueError, match="run on CUDA tensors"):
         swiglu_cupy(torch.randn(4), torch.randn(4))
@@ -137,13 +137,13 @@ def test_select_and_input_errors():
 def test_gpt_step_under_bf16_autocast_matches_the_reference_ops():
     # float32 residual stream + bf16 sub-layer outputs: the mixed-dtype RMSNorm path
     import kernels
-    from engine.config import ModelConfig
-    from engine.model import GPT
+    from workbench.engine.config import ModelConfig
+    from workbench.engine.model import GPT
 
     cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=128, seq_len=64, vocab_size=300)
     torch.manual_seed(0)
-    model_ref = GPT(cfg, kernels.select("torch", "cuda")).cuda()
-    model = GPT(cfg, kernels.select("cupy", "cuda")).cuda()
+    model_ref = GPT(cfg, workbench.kernels.select("torch", "cuda")).cuda()
+    model = GPT(cfg, workbench.kernels.select("cupy", "cuda")).cuda()
     model.load_state_dict(model_ref.state_dict())
     idx = torch.randint(0, 300, (4, 64), device="cuda")
     targets = idx.roll(-1, dims=1)

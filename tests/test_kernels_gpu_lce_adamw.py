@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
-from kernels import cupy_launch
-from kernels import linear_cross_entropy as lce
-from kernels.adamw import AdamW
-from kernels.linear_cross_entropy import linear_cross_entropy_cupy as fused
-from kernels.linear_cross_entropy import linear_cross_entropy_reference as reference
+from workbench.kernels import cupy_launch
+from workbench.kernels import linear_cross_entropy as lce
+from workbench.kernels.adamw import AdamW
+from workbench.kernels.linear_cross_entropy import linear_cross_entropy_cupy as fused
+from workbench.kernels.linear_cross_entropy import linear_cross_entropy_reference as reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(cupy_launch.cupy_missing() is not None, reason=cupy_launch.cupy_missing() or "")]

@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cupy_launch
-from kernels import linear_cross_entropy as lce
-from kernels.adamw import AdamW
-from kernels.emulation import harness
-from kernels.linear_cross_entropy import linear_cross_entropy_cupy as fused
-from kernels.linear_cross_entropy import linear_cross_entropy_reference as reference
+from workbench.kernels import cupy_launch
+from workbench.kernels import linear_cross_entropy as lce
+from workbench.kernels.adamw import AdamW
+from workbench.kernels.emulation import harness
+from workbench.kernels.linear_cross_entropy import linear_cross_entropy_cupy as fused
+from workbench.kernels.linear_cross_entropy import linear_cross_entropy_reference as reference
 
 pytestmark = pytest.mark.skipif(harness.compiler_missing() is not None,
                                 reason=harness.compiler_missing() or "")
@@ -358,11 +358,11 @@ def test_tiny_gpt_trains_the_same_with_our_loss_and_optimizer(backend, torch_sin
     our loss and AdamW (emulated) against the references, same losses and weights."""
     import dataclasses
 
-    from engine.config import ModelConfig
-    from engine.model import GPT
-    from kernels import select
-    from kernels.adamw import adamw_cupy
-    from kernels.linear_cross_entropy import linear_cross_entropy_cupy
+    from workbench.engine.config import ModelConfig
+    from workbench.engine.model import GPT
+    from workbench.kernels import select
+    from workbench.kernels.adamw import adamw_cupy
+    from workbench.kernels.linear_cross_entropy import linear_cross_entropy_cupy
 
     reference_ops = select("torch", "cpu")
     our_ops = dataclasses.replace(reference_ops, name="lce+adamw",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import estimates
-from engine.config import ModelConfig
-from engine.device import DeviceInfo
-from engine.formatting import format_mfu
-from engine.model import GPT, sample_token
-from kernels import select
+from workbench.engine import estimates
+from workbench.engine.config import ModelConfig
+from workbench.engine.device import DeviceInfo
+from workbench.engine.formatting import format_mfu
+from workbench.engine.model import GPT, sample_token
+from workbench.kernels import select
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -113,7 +113,7 @@ def test_kv_cache_generation_equals_no_cache(kw, sampling):
 
 
 def test_cached_logits_equal_full_forward():
-    from engine.model import KVCache
+    from workbench.engine.model import KVCache
 
     model = make(n_kv_head=2)
     ids = torch.randint(0, 61, (1, 12))

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import checkpoint
-from engine.control import StopAt
-from engine.rundir import RunDir
-from engine.train import train
+from workbench.engine import checkpoint
+from workbench.engine.control import StopAt
+from workbench.engine.rundir import RunDir
+from workbench.engine.train import train
 from engine_helpers import events_of, step_losses, tiny_config, tiny_raw, workbench, workbench_popen, write_toml
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

@@ -7,8 +7,8 @@ import time
 import pynvml
 import pytest
 
-from engine.events import EventWriter, read_events
-from engine.sysstats import SystemSampler, gpu_stats, open_nvml
+from workbench.engine.events import EventWriter, read_events
+from workbench.engine.sysstats import SystemSampler, gpu_stats, open_nvml
 from engine_helpers import wait_for
 
 

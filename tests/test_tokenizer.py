@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from data_corpus import document
-from engine.errors import DataError
-from engine.tokenizer import SPECIAL_TOKENS, Tokenizer, chat_format, train_tokenizer
+from workbench.engine.errors import DataError
+from workbench.engine.data.tokenizer import SPECIAL_TOKENS, Tokenizer, chat_format, train_tokenizer
 
 TRICKY = [
     "Hello\n\nworld\n",

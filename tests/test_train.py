@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine import checkpoint
-from engine.control import Control, StopAt
-from engine.rundir import RunDir
-from engine.formatting import format_event
-from engine.train import get_batch, lr_at, train
+from workbench.engine import checkpoint
+from workbench.engine.control import Control, StopAt
+from workbench.engine.rundir import RunDir
+from workbench.engine.formatting import format_event
+from workbench.engine.train import get_batch, lr_at, train
 from engine_helpers import events_of, step_losses, tiny_config, tiny_raw, workbench, workbench_popen, write_toml
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -178,7 +178,7 @@ class PoisonEarly(Poison):
 
 
 def test_divergence_before_any_checkpoint_is_a_clear_error(tiny_data, tmp_path):
-    from engine.errors import WorkbenchError
+    from workbench.engine.errors import WorkbenchError
 
     with pytest.raises(WorkbenchError, match="diverged .* before the first checkpoint; lower optim.lr"):
         train(tmp_path / "run", tiny_config(tiny_data), control=PoisonEarly(), echo=None)
@@ -209,12 +209,12 @@ class UserErrorAt(Control):
     def poll(self, trainer):
         trainer.events.emit("system", cpu_percent=50.0)
         if trainer.step == 3:
-            from engine.errors import DataError
+            from workbench.engine.errors import DataError
             raise DataError("the data went away")
 
 
 def test_foreground_shows_no_system_lines_and_leaves_errors_to_the_caller(tiny_data, tmp_path):
-    from engine.errors import DataError
+    from workbench.engine.errors import DataError
 
     lines = []
     with pytest.raises(DataError, match="the data went away"):
@@ -255,7 +255,7 @@ def test_sigterm_or_ctrl_c_in_the_foreground_saves_and_stops(tiny_data, tmp_path
 
 
 def test_quickstart_prepares_trains_and_samples(tmp_path):
-    from engine.quickstart import free_run_dir
+    from workbench.engine.quickstart import free_run_dir
 
     result = workbench("quickstart", "--steps", "3", "--data", tmp_path / "data", "--run", tmp_path / "runs" / "qs",
                        timeout=300)
@@ -272,7 +272,7 @@ def test_quickstart_prepares_trains_and_samples(tmp_path):
 def test_example_configs_are_valid():
     from pathlib import Path
 
-    from engine import config as config_mod
+    from workbench.engine import config as config_mod
 
     examples = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.toml"))
     assert examples

@@ -19,7 +19,7 @@ from engine_helpers import tiny_raw, workbench, write_toml  # noqa: E402
 from tui_fixtures import make_demo_run  # noqa: E402
 from workbench_pilot import wait_for  # noqa: E402
 
-from engine.events import EventWriter  # noqa: E402
+from workbench.engine.events import EventWriter  # noqa: E402
 from textual.widgets import ContentSwitcher, Label, RichLog, Sparkline  # noqa: E402
 from workbench.screens.dashboard import DashboardScreen  # noqa: E402
 from workbench.screens.standalone import ScreenApp  # noqa: E402
@@ -178,7 +178,7 @@ def test_long_history_is_downsampled(tmp_path):
 
 def test_chunked_reads_equal_one_whole_read(tmp_path):
     """The dashboard replays in bounded chunks (read_events max_bytes): same events, same end offset."""
-    from engine.events import read_events
+    from workbench.engine.events import read_events
 
     w = EventWriter(tmp_path / "events.jsonl")
     for i in range(300):
@@ -307,7 +307,7 @@ def test_live_updates_pause_resume_save_and_stop(live_run):
         assert "stopped" in status_text(screen)
 
     run_dashboard(live_run, body)
-    from engine import client
+    from workbench.engine.process import client
 
     assert client.run_state(live_run) == "stopped"
     assert (live_run / "checkpoints" / "latest").exists()
@@ -323,7 +323,7 @@ def test_leaving_the_dashboard_never_stops_training_and_kill_9_shows_crashed(liv
         await pilot.press("escape")  # leaves the standalone app
 
     run_dashboard(live_run, leave)
-    from engine import client
+    from workbench.engine.process import client
 
     step_then = client.run_summary(live_run)["step"]
     time.sleep(1.5)

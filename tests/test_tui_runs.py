@@ -16,9 +16,9 @@ from engine_helpers import tiny_raw  # noqa: E402
 from workbench_pilot import (finished_events, notifications, run_app, table_rows, wait_for,  # noqa: E402
                              write_events)
 
-from engine import client  # noqa: E402
-from engine.config import from_dict, to_toml  # noqa: E402
-from engine.rundir import RunDir  # noqa: E402
+from workbench.engine.process import client  # noqa: E402
+from workbench.engine.config import from_dict, to_toml  # noqa: E402
+from workbench.engine.rundir import RunDir  # noqa: E402
 from workbench import engine_calls  # noqa: E402
 from workbench.screens.new_run import PreparePanel  # noqa: E402
 from textual.widgets import DataTable  # noqa: E402

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import client
+from workbench.engine.process import client
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 30

@@ -3,7 +3,7 @@
 The app never imports torch or cupy (directly or through the engine): training,
 preparation and sampling run in `python -m engine` child processes (see
 engine_calls.py) and a running engine is read through its events.jsonl and
-driven through engine.client. That keeps the first frame fast over SSH.
+driven through workbench.engine.process.client. That keeps the first frame fast over SSH.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         from workbench.app import run_app
 
         return run_app()
-    from engine.cli import main as engine_main
+    from workbench.engine.cli import main as engine_main
 
     return engine_main(argv)
 

@@ -1,8 +1,8 @@
 """Every way the TUI starts engine work.
 
 Heavy work (preparation, training, sampling) runs in child processes of
-`python -m engine ...`, so the TUI process never imports torch; a running engine
-is talked to through `engine.client`. Each function here blocks: call it from a
+`python -m workbench.engine ...`, so the TUI process never imports torch; a running engine
+is talked to through `workbench.engine.process.client`. Each function here blocks: call it from a
 thread worker, never from the UI thread. Failures raise `EngineCallError` with
 the engine's own one-line message (`error: ...`), ready for a notification.
 """
@@ -20,8 +20,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from engine.errors import WorkbenchError
-from engine.rundir import RunDir, atomic_write_text
+from workbench.engine.errors import WorkbenchError
+from workbench.engine.rundir import RunDir, atomic_write_text
 
 # A detached start returns once the engine is up; a cold torch import on a busy
 # 2-core machine can take a while, so this is generous.
@@ -35,7 +35,7 @@ class EngineCallError(Exception):
 def engine_env() -> dict[str, str]:
     """The environment for engine subprocesses: this checkout's packages importable from any cwd."""
     env = dict(os.environ)
-    spec = importlib.util.find_spec("engine")
+    spec = importlib.util.find_spec("workbench.engine")
     if spec and spec.origin:
         root = str(Path(spec.origin).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
@@ -44,7 +44,7 @@ def engine_env() -> dict[str, str]:
 
 
 def engine_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "engine", *args]
+    return [sys.executable, "-m", "workbench.engine", *args]
 
 
 def error_line(stderr: str, returncode: int) -> str:
@@ -228,7 +228,7 @@ def sample(run: str | Path, prompt: str, checkpoint: str | None = None, *, n: in
 
 def control(run: str | Path, op: str, **args: Any) -> dict[str, Any]:
     """One request to the run's engine over its control socket."""
-    from engine import client
+    from workbench.engine.process import client
 
     try:
         return client.request(Path(run), op, **args)
@@ -237,7 +237,7 @@ def control(run: str | Path, op: str, **args: Any) -> dict[str, Any]:
 
 
 def engine_alive(run: str | Path) -> bool:
-    from engine import client
+    from workbench.engine.process import client
 
     return client.engine_alive(Path(run))
 

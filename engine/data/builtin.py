@@ -15,7 +15,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
-from engine.data.sources import DEFAULT_DOC_CHARS, split_documents
+from workbench.engine.data.sources import DEFAULT_DOC_CHARS, split_documents
 
 # Tests, demos and vendored tools: little prose, much repetition.
 _SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "turtledemo",

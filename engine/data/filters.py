@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import DataError
+from workbench.engine.errors import DataError
 
 REASONS = ("too_short", "line_too_long", "low_alpha", "repeated_lines", "repeated_ngrams", "blocklist")
 _ASCII_LETTERS = string.ascii_letters.encode()

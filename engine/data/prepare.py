@@ -33,15 +33,15 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from engine.data.builtin import builtin_documents
-from engine.data.report import add_token_estimates, render_text, write_report
-from engine.data.settings import PrepareSettings
-from engine.data.sources import check_sources, read_documents
-from engine.data.stream import PARALLEL_MIN_BYTES, read_pass
-from engine.errors import DataError
-from engine.rundir import fsync_dir
-from engine.shards import ShardWriter
-from engine.tokenizer import Tokenizer, train_tokenizer
+from workbench.engine.data.builtin import builtin_documents
+from workbench.engine.data.report import add_token_estimates, render_text, write_report
+from workbench.engine.data.settings import PrepareSettings
+from workbench.engine.data.sources import check_sources, read_documents
+from workbench.engine.data.stream import PARALLEL_MIN_BYTES, read_pass
+from workbench.engine.errors import DataError
+from workbench.engine.rundir import fsync_dir
+from workbench.engine.data.shards import ShardWriter
+from workbench.engine.data.tokenizer import Tokenizer, train_tokenizer
 
 PREVIEW_CHARS = 200
 ENCODE_BATCH_CHARS = 1_000_000  # ~25 MB of Python ints per batch: bounded memory, enough docs for threads

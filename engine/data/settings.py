@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from engine.errors import DataError
+from workbench.engine.errors import DataError
 
 
 @dataclass

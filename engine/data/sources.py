@@ -10,7 +10,7 @@ How files become documents:
   `doc_chars`). The same cuts apply to a long JSONL text.
 - A .jsonl file gives one document per line: `{"text": "..."}`, or a chat
   `{"messages": [{"role": "user"|"assistant"|"system", "content": "..."}...]}` written with
-  the chat special tokens (engine.tokenizer.chat_format). Other lines are counted as malformed.
+  the chat special tokens (workbench.engine.data.tokenizer.chat_format). Other lines are counted as malformed.
 - Folders are walked recursively in sorted order (hidden entries skipped); only
   .txt, .md, .markdown, .text and .jsonl files are read, others are counted as ignored.
 - A file with a NUL byte in its first 8 KiB is binary, a file that is not valid UTF-8 is
@@ -28,8 +28,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from engine.errors import DataError
-from engine.tokenizer import chat_format
+from workbench.engine.errors import DataError
+from workbench.engine.data.tokenizer import chat_format
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 JSONL_SUFFIXES = {".jsonl"}

@@ -20,10 +20,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from engine.data.clean import clean_text
-from engine.data.dedup import MinHasher, NearDedup, digest, shingle_hashes
-from engine.data.filters import REASONS, QualityFilter
-from engine.data.settings import PrepareSettings
+from workbench.engine.data.clean import clean_text
+from workbench.engine.data.dedup import MinHasher, NearDedup, digest, shingle_hashes
+from workbench.engine.data.filters import REASONS, QualityFilter
+from workbench.engine.data.settings import PrepareSettings
 
 DROP_REASONS = ("exact_duplicate",) + REASONS + ("near_duplicate",)
 BATCH_CHARS = 1_000_000

@@ -6,7 +6,7 @@ See cuda_emu.h for how races and warp-shuffle misuse are caught.
 
 API (for every kernel test):
 
-    from kernels.emulation import harness
+    from workbench.kernels.emulation import harness
     if (why := harness.compiler_missing()): pytest.skip(why)
     mod = harness.load("kernels/rmsnorm.cu")        # compiled once, cached by content hash
     mod.kernels                                     # {name: Kernel}, Kernel.signature like ["*f32", "i32", "f32"]

@@ -23,8 +23,8 @@ from textual.screen import ModalScreen, Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, DataTable, Footer, Header, Input, Static
 
-from engine.estimates import human
-from engine.rundir import RunDir
+from workbench.engine.estimates import human
+from workbench.engine.rundir import RunDir
 from workbench import engine_calls
 from workbench.screens.new_run import RUN_NAME, field
 
@@ -133,7 +133,7 @@ by val loss). **BPB** is validation bits per byte, comparable across tokenizers.
     @work(thread=True, exclusive=True, group="read-checkpoints", exit_on_error=False)
     def reload(self) -> None:
         rows = read_checkpoints(self.run_dir)
-        from engine.client import run_state
+        from workbench.engine.process.client import run_state
 
         state = run_state(self.run_dir)
         self.app.call_from_thread(self._show, rows, state)

@@ -1,8 +1,8 @@
 """The dashboard: one run, live. Curves, throughput, progress, system panel, log and samples.
 
 A thread worker follows the run's events.jsonl as toolong follows a log: replay from
-offset 0, then only the bytes appended since (`engine.events.read_events`). It folds
-events into a `RunHistory`, asks `engine.client.run_state` every second (so an engine
+offset 0, then only the bytes appended since (`workbench.engine.events.read_events`). It folds
+events into a `RunHistory`, asks `workbench.engine.process.client.run_state` every second (so an engine
 that dies shows `crashed` within a second or two), and hands the UI thread a small
 downsampled snapshot; the UI thread only renders. Control keys send one request each
 to the engine through its socket, from a worker, and report the answer as a
@@ -27,8 +27,8 @@ from textual.screen import Screen
 from textual.widgets import ContentSwitcher, Footer, Label, ProgressBar, RichLog, Static
 from textual.worker import get_current_worker
 
-from engine.events import read_events
-from engine.rundir import RunDir
+from workbench.engine.events import read_events
+from workbench.engine.rundir import RunDir
 from workbench.history import HistoryView, RunHistory
 from workbench.widgets import format as fmt
 from workbench.widgets.plots import LossPlot
@@ -46,7 +46,7 @@ LOG_STYLE = {"error": "bold red", "warning": "yellow", "state": "cyan", "checkpo
 
 def engine_state(run_dir: Path) -> str | None:
     """The run's state as the engine client judges it (a dead engine is `crashed`)."""
-    from engine import client  # no torch; imported here so a client problem is a notification, not a crash
+    from workbench.engine.process import client  # no torch; imported here so a client problem is a notification, not a crash
 
     return client.run_state(run_dir)
 
@@ -384,7 +384,7 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
     @work(thread=True, group="control", exit_on_error=False)
     def _control(self, op: str) -> None:
         """One request to the engine; the answer (or why there was none) is a notification."""
-        from engine import client
+        from workbench.engine.process import client
 
         try:
             reply = client.request(self.run_dir, op)

@@ -16,7 +16,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label, Static
 
-from engine.rundir import RunDir
+from workbench.engine.rundir import RunDir
 from workbench import ratings
 
 BOOTSTRAP_ROUNDS = 200

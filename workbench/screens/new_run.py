@@ -1,10 +1,10 @@
 """New run: data sources and tokenizer, model shape with live estimates, optimiser and schedule, start.
 
 The form is one scrolling column (tab moves between fields) beside a panel of live
-estimates from engine.estimates: parameters, FLOPs per token, memory, the ~20
+estimates from workbench.engine.estimates: parameters, FLOPs per token, memory, the ~20
 tokens per parameter rule, and the time at the measured (an earlier run on this
 kind of device) or estimated throughput. The config is validated as you type by
-engine.config, the same code the engine runs, so a start never fails on a typo.
+workbench.engine.config, the same code the engine runs, so a start never fails on a typo.
 Preparation streams progress bars from `workbench prepare --progress-json`, then
 shows its report; start writes the config and launches a detached engine.
 """
@@ -28,9 +28,9 @@ from textual.suggester import SuggestFromList
 from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Label, ProgressBar, Select, Static
 
-from engine import estimates
-from engine.config import RunConfig, from_dict, load, preset_names, to_toml
-from engine.errors import WorkbenchError
+from workbench.engine import estimates
+from workbench.engine.config import RunConfig, from_dict, load, preset_names, to_toml
+from workbench.engine.errors import WorkbenchError
 from workbench import engine_calls
 from workbench.messages import PrepareFinished, PrepareProgress
 
@@ -106,7 +106,7 @@ class Hardware:
 
 def detect_hardware() -> Hardware:
     """The first GPU through NVML (no torch), else this CPU. Blocking: call from a worker."""
-    from engine.sysstats import open_nvml
+    from workbench.engine.sysstats import open_nvml
 
     try:
         nvml, handles, _why = open_nvml()
@@ -128,7 +128,7 @@ def detect_hardware() -> Hardware:
 
 def measured_flops(runs_root: Path, kind: str) -> tuple[float, str] | None:
     """The best FLOP/s an earlier run reached on this kind of device (its tokens/s x its FLOPs per token)."""
-    from engine.client import list_runs
+    from workbench.engine.process.client import list_runs
 
     best: tuple[float, str] | None = None
     for run in list_runs(runs_root):
@@ -375,7 +375,7 @@ Set up a run top to bottom, then **ctrl+s** to start it in a detached engine.
         return self.query_one(f"#{wid}", Input).value.strip()
 
     def build_config(self) -> RunConfig:
-        """The run's config from the preset and the form, validated by engine.config (ConfigError)."""
+        """The run's config from the preset and the form, validated by workbench.engine.config (ConfigError)."""
         raw = {section: dict(values) for section, values in self._base.items()}
         for fid, (section, key, kind) in FIELDS.items():
             text = self.value(fid)

@@ -6,7 +6,7 @@ sides use the same seed; which one is shown as A is a coin flip, and who is who 
 hidden until the vote. Each vote is one line in the run's ratings.jsonl (skips write
 nothing); the leaderboard ranks what the votes say.
 
-Generation runs in a thread worker that starts `python -m engine sample ... --json`
+Generation runs in a thread worker that starts `python -m workbench.engine sample ... --json`
 child processes (both sides at once), so the TUI process never imports torch.
 """
 
@@ -29,7 +29,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, Static
 
-from engine.rundir import RunDir
+from workbench.engine.rundir import RunDir
 from workbench import ratings
 
 # A generator takes (run_dir, checkpoint, prompt, settings) and returns the generated text.

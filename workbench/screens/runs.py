@@ -1,6 +1,6 @@
 """The runs screen: every run with its state and latest numbers; open, start, resume, stop, delete.
 
-A thread worker polls the run folders once a second through engine.client (which
+A thread worker polls the run folders once a second through workbench.engine.process.client (which
 reads events.jsonl backwards and checks the engine's lock, so a dead engine shows
 as `crashed` within a poll); the UI thread only updates table cells. Errors the
 engines write, and runs that crash, become notifications.
@@ -21,7 +21,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 from textual.widgets.data_table import CellDoesNotExist, RowDoesNotExist
 
-from engine.events import read_events
+from workbench.engine.events import read_events
 from workbench import engine_calls
 from workbench.messages import RunsChanged
 
@@ -99,7 +99,7 @@ def short_device(name: str | None) -> str:
 
 
 def format_cells(run: dict[str, Any]) -> dict[str, Any]:
-    """The table cells of one run summary (engine.client.run_summary)."""
+    """The table cells of one run summary (workbench.engine.process.client.run_summary)."""
     step = run.get("step")
     steps = "-" if step is None else f"{step}/{run['max_steps']}" if run.get("max_steps") else str(step)
     loss = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
@@ -176,7 +176,7 @@ data folder) and trains the tiny preset on whatever hardware there is.
 
     @work(thread=True, exclusive=True, group="poll-runs", exit_on_error=False)
     def poll_runs(self) -> None:
-        from engine.client import list_runs
+        from workbench.engine.process.client import list_runs
 
         with self._poll_lock:  # one poll at a time: an overrunning poll must not race the next one
             runs = sorted(list_runs(self.app.runs_root), key=started, reverse=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import DataError
+from workbench.engine.errors import DataError
 
 MAGIC = b"WBTOKENS"
 VERSION = 1

@@ -3,7 +3,7 @@
     workbench train CONFIG --data D --run R [--max-steps N] [--set section.key=value]...
     workbench train --resume R [--max-steps N]
     workbench train [CONFIG] --init-from RUN_OR_CHECKPOINT --data D --run R
-    ... --detach                      (the detached engine: engine.process.spawn_detached)
+    ... --detach                      (the detached engine: workbench.engine.process.host.spawn_detached)
 
 Everything that can fail because of the user's input (config, data, checkpoint shapes,
 tokenizer) is checked before anything is written, so a failed start leaves no half run
@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine import config as config_mod
-from engine.errors import ConfigError
+from workbench.engine import config as config_mod
+from workbench.engine.errors import ConfigError
 
 DEFAULT_DATA = "data/builtin"
 
@@ -44,7 +44,7 @@ def _overrides(args) -> list[str]:
 
 
 def _open_dataset(cfg) -> object:
-    from engine.dataset import Dataset
+    from workbench.engine.data.dataset import Dataset
 
     dataset = Dataset.open(cfg.data.path)
     vocab = dataset.tokenizer.vocab_size
@@ -62,14 +62,14 @@ def _open_dataset(cfg) -> object:
 def _check_device(cfg) -> None:
     """A CUDA device (or bf16) the machine lacks fails here, before the run is written (torch only then)."""
     if cfg.train.device.startswith("cuda") or cfg.train.dtype == "bfloat16":
-        from engine.device import pick_device, pick_dtype
+        from workbench.engine.device import pick_device, pick_dtype
 
         pick_dtype(cfg.train.dtype, pick_device(cfg.train.device))
 
 
 def _check_checkpoint_fits(ckpt: Path, cfg, tokenizer_sha256: str) -> None:
     """Tokenizer, file integrity and every shape of `ckpt` against cfg's model, without touching the run."""
-    from engine import checkpoint
+    from workbench.engine import checkpoint
 
     state = checkpoint.read_state(ckpt)
     checkpoint.check_tokenizer(ckpt, state, tokenizer_sha256)
@@ -77,8 +77,8 @@ def _check_checkpoint_fits(ckpt: Path, cfg, tokenizer_sha256: str) -> None:
 
     import torch
 
-    from engine.model import GPT
-    from kernels import reference_ops
+    from workbench.engine.model import GPT
+    from workbench.kernels import reference_ops
 
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = GPT(cfg.model, reference_ops("shape check"))
@@ -90,7 +90,7 @@ def _new_run_config(args):
         return config_mod.load(args.config, _overrides(args))
     if args.init_from:
         # No config: fine-tune with the source run's settings (the model shape must match anyway).
-        from engine import checkpoint
+        from workbench.engine import checkpoint
 
         source = checkpoint.read_state(checkpoint.resolve(args.init_from)).get("config")
         if not isinstance(source, dict):
@@ -127,7 +127,7 @@ def prepare_new_run(args):
                           "or pick another --run")
     dataset = _open_dataset(cfg)
     if args.init_from:
-        from engine import checkpoint
+        from workbench.engine import checkpoint
 
         _check_checkpoint_fits(checkpoint.resolve(args.init_from), cfg, dataset.tokenizer.sha256)
     config_mod.validate(cfg)
@@ -137,8 +137,8 @@ def prepare_new_run(args):
 
 def prepare_resume(args):
     """The run's config with --max-steps/--set applied, its data and latest checkpoint, all checked."""
-    from engine import checkpoint
-    from engine.rundir import RunDir
+    from workbench.engine import checkpoint
+    from workbench.engine.rundir import RunDir
 
     if args.config or args.init_from or args.data:
         raise ConfigError("--resume takes the run's own config and data; only --max-steps and --set can change")
@@ -161,10 +161,10 @@ def prepare_resume(args):
 
 
 def run(args) -> int:
-    from engine.rundir import RunDir, atomic_write_text
+    from workbench.engine.rundir import RunDir, atomic_write_text
 
     if args.resume:
-        from engine.process import refuse_if_running  # before anything of the running run is rewritten
+        from workbench.engine.process.host import refuse_if_running  # before anything of the running run is rewritten
 
         refuse_if_running(args.resume)
         cfg, run_dir, dataset = prepare_resume(args)
@@ -176,12 +176,12 @@ def run(args) -> int:
         RunDir.at(root).write_run_files(cfg, dataset.tokenizer)
         resume = False
     if args.detach:
-        from engine.process import spawn_detached
+        from workbench.engine.process.host import spawn_detached
 
         pid = spawn_detached(root, None if resume else cfg, resume=resume, init_from=args.init_from)
         print(f"training {root} in the background (engine pid {pid}); watch it with `workbench attach {root}`")
         return 0
-    from engine.process import host  # the engine's lock, control socket and system stats, in the foreground too
+    from workbench.engine.process.host import host  # the engine's lock, control socket and system stats, in the foreground too
 
     state = host(root, cfg, resume=resume, init_from=args.init_from)
     print(f"run {root}: {state}")

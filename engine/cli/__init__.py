@@ -13,23 +13,23 @@ import errno
 import importlib
 import sys
 
-from engine.errors import WorkbenchError
+from workbench.engine.errors import WorkbenchError
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "prepare": ("engine.data.prepare", "clean, filter, dedup and tokenize text into token shards"),
-    "train": ("engine.train_cli", "train a model (or --resume a run, or --init-from a checkpoint)"),
-    "sample": ("engine.sample_cli", "generate text from a run's checkpoint"),
-    "eval": ("engine.evaluate", "validation loss, perplexity, bits per byte and the worst documents"),
-    "quickstart": ("engine.quickstart", "prepare the built-in corpus and train a tiny model"),
-    "ls": ("engine.runs_cli", "list runs with state, step, losses, tokens/s, device and age"),
-    "attach": ("engine.attach_cli", "live plain-text view of a run: its history, then live events"),
-    "status": ("engine.control_cli", "a run's state, step and live settings"),
-    "pause": ("engine.control_cli", "pause a running engine between steps"),
-    "resume": ("engine.control_cli", "resume a paused engine"),
-    "save": ("engine.control_cli", "write a checkpoint now"),
-    "stop": ("engine.control_cli", "save a checkpoint and stop the engine"),
-    "set": ("engine.control_cli", "change live settings: lr_scale, eval.interval, eval.sample_interval, "
+    "prepare": ("workbench.engine.data.prepare", "clean, filter, dedup and tokenize text into token shards"),
+    "train": ("workbench.engine.cli.train", "train a model (or --resume a run, or --init-from a checkpoint)"),
+    "sample": ("workbench.engine.cli.sample", "generate text from a run's checkpoint"),
+    "eval": ("workbench.engine.evaluate", "validation loss, perplexity, bits per byte and the worst documents"),
+    "quickstart": ("workbench.engine.quickstart", "prepare the built-in corpus and train a tiny model"),
+    "ls": ("workbench.engine.cli.runs", "list runs with state, step, losses, tokens/s, device and age"),
+    "attach": ("workbench.engine.cli.attach", "live plain-text view of a run: its history, then live events"),
+    "status": ("workbench.engine.cli.control", "a run's state, step and live settings"),
+    "pause": ("workbench.engine.cli.control", "pause a running engine between steps"),
+    "resume": ("workbench.engine.cli.control", "resume a paused engine"),
+    "save": ("workbench.engine.cli.control", "write a checkpoint now"),
+    "stop": ("workbench.engine.cli.control", "save a checkpoint and stop the engine"),
+    "set": ("workbench.engine.cli.control", "change live settings: lr_scale, eval.interval, eval.sample_interval, "
                                   "checkpoint.interval"),
 }
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import secrets
 
-from engine.errors import ConfigError
-from engine.formatting import terminal_safe
+from workbench.engine.errors import ConfigError
+from workbench.engine.formatting import terminal_safe
 
 
 def add_arguments(parser) -> None:
@@ -59,11 +59,11 @@ def run(args) -> int:
     check_args(args)
     if args.seed is None:  # a drawn seed, reported, so any sample can be reproduced
         args.seed = secrets.randbelow(2**31)
-    from engine.control_cli import live_sample  # a running engine samples its current weights
+    from workbench.engine.cli.control import live_sample  # a running engine samples its current weights
 
     if (done := live_sample(args)) is not None:
         return done
-    from engine.checkpoint import open_run_model
+    from workbench.engine.checkpoint import open_run_model
 
     loaded = open_run_model(args.run, args.checkpoint)
     texts = generate_samples(loaded, args.prompt, args.num_samples, args.max_tokens, args.temperature,

@@ -25,10 +25,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from engine.errors import WorkbenchError
-from engine.events import read_events
-from engine.rundir import RunDir
-from engine.server import socket_address
+from workbench.engine.errors import WorkbenchError
+from workbench.engine.events import read_events
+from workbench.engine.rundir import RunDir
+from workbench.engine.process.server import socket_address
 
 TERMINAL_STATES = ("finished", "stopped", "crashed")
 FOLLOW_CHUNK = 4 << 20  # bytes of events.jsonl read at a time

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.client import list_runs
-from engine.errors import WorkbenchError
+from workbench.engine.process.client import list_runs
+from workbench.engine.errors import WorkbenchError
 
 
 def add_arguments(parser) -> None:

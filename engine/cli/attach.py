@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from engine.client import follow, run_state
-from engine.errors import WorkbenchError
-from engine.formatting import format_event
-from engine.rundir import RunDir
+from workbench.engine.process.client import follow, run_state
+from workbench.engine.errors import WorkbenchError
+from workbench.engine.formatting import format_event
+from workbench.engine.rundir import RunDir
 
 
 def add_arguments(parser) -> None:

@@ -2,7 +2,7 @@
 
 SentencePiece is tuned for sentence-level MT by default; for a language model every
 byte of the text must survive encode -> decode, so training turns off what rewrites
-text: `normalization_rule_name="identity"` (we NFKC ourselves in engine.data.clean),
+text: `normalization_rule_name="identity"` (we NFKC ourselves in workbench.engine.data.clean),
 `remove_extra_whitespaces=False`, `add_dummy_prefix=False`. SentencePiece sees its input
 as lines and never learns "\n", so "\n" is a user-defined symbol, and
 `byte_fallback=True` makes any character outside the vocabulary a sequence of byte
@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 
-from engine.errors import DataError
+from workbench.engine.errors import DataError
 
 # Fixed ids: <unk> = 0, then these in order (1..6), then "\n" = 7, then the 256 byte tokens.
 SPECIAL_TOKENS = ["<|bos|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|pad|>"]

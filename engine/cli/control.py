@@ -6,12 +6,12 @@ answer in a line. `status` also answers for a run with no engine (from its event
 
 from __future__ import annotations
 
-from engine import client
-from engine.config import _parse_value
-from engine.errors import WorkbenchError
-from engine.formatting import terminal_safe
-from engine.rundir import RunDir
-from engine.server import SETTABLE
+from workbench.engine.process import client
+from workbench.engine.config import _parse_value
+from workbench.engine.errors import WorkbenchError
+from workbench.engine.formatting import terminal_safe
+from workbench.engine.rundir import RunDir
+from workbench.engine.process.server import SETTABLE
 
 TIMEOUTS = {"stop": 900.0, "save": 600.0}  # stop waits for the final checkpoint
 

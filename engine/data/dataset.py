@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import DataError
-from engine.shards import open_shard
-from engine.tokenizer import Tokenizer
+from workbench.engine.errors import DataError
+from workbench.engine.data.shards import open_shard
+from workbench.engine.data.tokenizer import Tokenizer
 
 REQUIRED_FILES = ("tokenizer.model", "tokenizer.json", "token_bytes.npy", "train.bin", "val.bin", "val_docs.npy")
 

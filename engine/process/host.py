@@ -1,7 +1,7 @@
 """The detached engine: one process per run that trains, serves the control socket and samples system stats.
 
     spawn_detached(run_dir, cfg, resume=..., init_from=...)   (what `workbench train --detach` calls)
-        starts `python -m engine.process RUN_DIR ...` in its own session (start_new_session:
+        starts `python -m workbench.engine.process.host RUN_DIR ...` in its own session (start_new_session:
         no controlling terminal, so closing the terminal or losing SSH sends it nothing),
         stdin from /dev/null, stdout and stderr appended to engine.log, and returns its pid
         once it is training, or raises WorkbenchError with the reason it could not start.
@@ -10,9 +10,9 @@ The engine itself (`host`):
   - takes `engine.lock` with flock for its whole life (a second engine on the run is
     refused; the kernel drops the lock when the process dies, so a stale lock cannot
     outlive a crash), writes engine.pid;
-  - serves the control socket (engine.server) through `SocketControl`, whose poll()
+  - serves the control socket (workbench.engine.process.server) through `SocketControl`, whose poll()
     runs queued requests on the training thread between optimizer steps;
-  - samples system stats on its own thread (engine.sysstats);
+  - samples system stats on its own thread (workbench.engine.sysstats);
   - SIGTERM or SIGINT -> save a checkpoint and end `stopped`; SIGHUP is ignored;
   - an exception that escapes training is written as an `error` event with its
     traceback and the state `crashed`.
@@ -37,12 +37,12 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from engine import client
-from engine.control import Control
-from engine.errors import WorkbenchError
-from engine.events import EventWriter
-from engine.rundir import RunDir, atomic_write_text
-from engine.server import SETTABLE, ControlServer, RequestError
+from workbench.engine.process import client
+from workbench.engine.control import Control
+from workbench.engine.errors import WorkbenchError
+from workbench.engine.events import EventWriter
+from workbench.engine.rundir import RunDir, atomic_write_text
+from workbench.engine.process.server import SETTABLE, ControlServer, RequestError
 
 READY_TIMEOUT_S = 180.0  # a cold torch import plus data loading on a busy 2-core machine
 LOCK_RETRY_S = 1.0  # a client's lock probe holds the lock for microseconds: retry that long
@@ -252,7 +252,7 @@ def apply_setting(trainer, key: str, value) -> None:
         setattr(getattr(trainer.cfg, section), name, int(value))
         # Intervals outlive this engine: a resumed run reads them back from config.toml.
         # (lr_scale is in every checkpoint's state instead.)
-        from engine.config import to_toml
+        from workbench.engine.config import to_toml
 
         atomic_write_text(trainer.rundir.config, to_toml(trainer.cfg))
 
@@ -277,13 +277,13 @@ def host(run_dir: str | Path, cfg=None, *, resume: bool = False, init_from: str 
     SIGHUP is ignored); a foreground `workbench train` runs it too, so a foreground
     run is locked, controllable and reported `running` like a detached one.
     """
-    from engine.sysstats import SystemSampler
+    from workbench.engine.sysstats import SystemSampler
 
     run = RunDir.at(run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     lock = EngineLock(run).acquire()  # first: a second engine is refused before it loads torch
     try:
-        from engine.train import train
+        from workbench.engine.train import train
     except BaseException:
         lock.release()
         raise
@@ -370,7 +370,7 @@ def _restore_signals(old: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.process", description=(
+    parser = argparse.ArgumentParser(prog="python -m workbench.engine.process.host", description=(
         "The detached engine of one run (started by `workbench train --detach`)."))
     parser.add_argument("run_dir")
     parser.add_argument("--config-json", help="the run's configuration (a new run); omit with --resume")
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = None
         if args.config_json:
-            from engine import config as config_mod
+            from workbench.engine import config as config_mod
             cfg = config_mod.from_dict(json.loads(args.config_json))
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} engine pid {os.getpid()} starting for {args.run_dir}",
               flush=True)
@@ -436,7 +436,7 @@ def spawn_detached(run_dir: str | Path, cfg=None, *, resume: bool = False, init_
     run = RunDir.at(Path(run_dir).resolve())
     refuse_if_running(run.root)
     run.root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "engine.process", str(run.root), "--stats-interval", str(stats_interval)]
+    cmd = [sys.executable, "-m", "workbench.engine.process.host", str(run.root), "--stats-interval", str(stats_interval)]
     if cfg is not None:
         cmd += ["--config-json", json.dumps(cfg.to_dict())]
     if resume:
