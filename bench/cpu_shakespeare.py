@@ -26,6 +26,7 @@ from bench.prepare_speed import measure  # noqa: E402
 from workbench.engine import config as config_mod  # noqa: E402
 from workbench.engine.data.prepare import prepare  # noqa: E402
 from workbench.engine.events import read_events  # noqa: E402
+from workbench.engine.run_setup import create_run  # noqa: E402
 from workbench.engine.train import train  # noqa: E402
 
 FINAL_EVAL_RESERVE_S = 2.0  # the full validation pass and the final checkpoint, after the budget
@@ -64,7 +65,7 @@ def main() -> int:
         cfg = config_mod.load(args.config, [f"data.path={tmp / 'data'}", f"train.max_seconds={budget:.2f}",
                                             *args.set])
         echo = None if args.quiet else (lambda line: print(line, flush=True))
-        train(tmp / "run", cfg, echo=echo, handle_signals=False)
+        train(create_run(tmp / "run", cfg), echo=echo, handle_signals=False)
         events, _ = read_events(tmp / "run" / "events.jsonl")
     evals = [e for e in events if e["type"] == "eval"]
     steps = [e for e in events if e["type"] == "step"]

@@ -42,7 +42,8 @@ sys.path.insert(0, str(REPO))
 from workbench.engine.process import client  # noqa: E402
 from workbench.engine import config as config_mod  # noqa: E402
 from workbench.engine.events import read_events  # noqa: E402
-from workbench.engine.process.host import spawn_detached  # noqa: E402
+from workbench.engine.process.spawn import spawn_detached  # noqa: E402
+from workbench.engine.run_setup import create_run  # noqa: E402
 
 
 def prepare_data(folder: Path, max_chars: int = 1_000_000) -> Path:
@@ -88,7 +89,7 @@ class Engine:
     readers: list = field(default_factory=list)
 
     def start(self, data: Path, threads: int) -> "Engine":
-        self.pid = spawn_detached(self.run, bench_config(data, threads), stats_interval=1.0 if self.watched else 0)
+        self.pid = spawn_detached(create_run(self.run, bench_config(data, threads)), stats_interval=1.0 if self.watched else 0)
         if self.watched:
             env = dict(os.environ, PYTHONPATH=str(REPO))
             self.readers = [subprocess.Popen([sys.executable, "-m", "workbench.cli", "attach", str(self.run),

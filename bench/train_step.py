@@ -46,6 +46,7 @@ from bench.engine_overhead import prepare_data
 from workbench.engine import config as config_mod
 from workbench.engine.errors import WorkbenchError
 from workbench.engine.estimates import human
+from workbench.engine.run_setup import create_run
 from workbench.engine.train import Trainer
 
 GPT2_SMALL = {"n_layer": 12, "n_head": 12, "d_model": 768, "seq_len": 1024}
@@ -108,7 +109,7 @@ def checked_step(trainer: Trainer) -> float:
 
 def run_variant(args, data: Path, run_root: Path, kernels: str, compiled: bool) -> tuple[Result, Trainer]:
     name = variant_name(kernels, compiled)
-    trainer = Trainer(run_root / name, bench_config(args, data, kernels, compiled), echo=None)
+    trainer = Trainer(create_run(run_root / name, bench_config(args, data, kernels, compiled)), echo=None)
     try:
         trainer.setup()
         for _ in range(args.warmup):  # the first steps allocate optimizer state and, compiled, compile

@@ -264,6 +264,19 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("checkpoint.keep_last must be at least 1")
 
 
+def resolve_data_fields(cfg: RunConfig, vocab_size: int, train_tokens: int) -> None:
+    """The fields that depend on the dataset, the one place they are settled: model.vocab_size 0
+    takes the tokenizer's; a smaller one, or a seq_len the train split cannot fill, is an error."""
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = vocab_size
+    elif cfg.model.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {vocab_size}; "
+                          "set it to 0 to take the tokenizer's")
+    if train_tokens <= cfg.model.seq_len:
+        raise ConfigError(f"the train split of {cfg.data.path} has {train_tokens} tokens, not more than "
+                          f"model.seq_len {cfg.model.seq_len}; use a shorter seq_len or more data")
+
+
 def to_toml(cfg: RunConfig) -> str:
     """Serialise a config as TOML (the run directory's config.toml)."""
     lines: list[str] = []

@@ -9,7 +9,7 @@ token gets its own loss; from those:
             loss_eval does: it does not depend on the tokenizer, so any two runs compare.
 Per document (val_docs: start, token count), the same ratio ranks the worst documents.
 
-CLI: `workbench eval RUN [--checkpoint NAME] [--worst N] [--max-batches N] [--json]`.
+The command is engine/cli/eval.py.
 """
 
 from __future__ import annotations
@@ -108,51 +108,3 @@ def evaluate(model, dataset, batch_size: int, seq_len: int, max_batches: int, de
         result["worst_docs"] = worst_documents(losses, dataset.val, dataset.token_bytes, dataset.val_docs,
                                                dataset.val_sources(), worst)
     return result
-
-
-# --- CLI ---------------------------------------------------------------------------------------
-
-def add_arguments(parser) -> None:
-    parser.add_argument("run", help="run folder (runs/NAME)")
-    parser.add_argument("--checkpoint", help="checkpoint name (default: the latest), e.g. step_000300")
-    parser.add_argument("--worst", type=int, default=None, metavar="N",
-                        help="show the N val documents with the highest bits per byte (default: eval.worst_docs)")
-    parser.add_argument("--max-batches", type=int, default=0, metavar="N",
-                        help="evaluate at most N batches (default 0: the whole val split)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def run(args) -> int:
-    from workbench.engine.errors import ConfigError
-    from workbench.engine.checkpoint import open_run_model
-
-    if args.max_batches < 0 or (args.worst is not None and args.worst < 0):
-        raise ConfigError("--max-batches and --worst must not be negative")
-    from workbench.engine.cli.control import live_eval  # a running engine evaluates its current weights
-
-    if (done := live_eval(args)) is not None:
-        return done
-    loaded = open_run_model(args.run, args.checkpoint, need_data=True)
-    cfg = loaded.cfg
-    worst = cfg.eval.worst_docs if args.worst is None else args.worst
-    result = evaluate(loaded.model, loaded.dataset, cfg.train.batch_size, cfg.model.seq_len,
-                      args.max_batches, loaded.device, worst=worst)
-    result["checkpoint"] = str(loaded.checkpoint)
-    result["step"] = loaded.state.get("step")
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"run {args.run}, checkpoint {Path(loaded.checkpoint).name} (step {result['step']})")
-    if not result["tokens"]:
-        print("the val split is too short to evaluate")
-        return 0
-    bpb = "n/a" if result["val_bpb"] is None else f"{result['val_bpb']:.4f}"
-    print(f"val loss {result['val_loss']:.4f} | perplexity {result['val_ppl']:.2f} | "
-          f"bits per byte {bpb} | {result['tokens']:,} tokens")
-    docs = result.get("worst_docs") or []
-    if docs:
-        print(f"worst {len(docs)} validation documents by bits per byte:")
-        for d in docs:
-            preview = " ".join(d["preview"].split())[:60]
-            print(f"  {d['bpb']:6.3f} bpb  {d['bytes']:>7,} bytes  {d['source']}  {preview!r}")
-    return 0

@@ -1,6 +1,9 @@
 """The training loop, shared by the foreground CLI and the detached engine process.
 
-    state = train(run_dir, cfg, resume=False, init_from=None, control=None, echo=print)
+    state = train(run_dir, resume=False, init_from=None, control=None, echo=print)
+
+The run folder exists already, with its config.toml (run_setup.create_run writes it): that
+file is the one way a config reaches the trainer.
 
 Everything the loop does is written as events to the run's events.jsonl (see
 workbench.engine.events); `echo` also prints them, one line each, in the foreground.
@@ -38,10 +41,11 @@ from workbench.engine.events import EventWriter
 from workbench.engine.formatting import format_event
 from workbench.engine.model import GPT
 from workbench.engine.rundir import RunDir
-from workbench.kernels import select
+from workbench.kernels import KernelsUnavailable, select
 
 MAX_BAD_STEPS = 3  # non-finite steps in a row before rolling back to the last checkpoint
 MAX_ROLLBACKS = 5  # then give up: lowering the lr again and again is not going to help
+MAX_SAVE_FAILURES = 3  # failed checkpoint saves in a row (a full disk) before the run gives up
 
 
 def get_batch(data: np.ndarray, seed: int, step: int, micro: int, batch_size: int,
@@ -77,15 +81,12 @@ class Trainer:
     The attributes and methods a Control may use are listed in workbench.engine.control.
     """
 
-    def __init__(self, run_dir: str | Path, cfg: RunConfig | None = None, *, resume: bool = False,
-                 init_from: str | Path | None = None, control: Control | None = None,
-                 echo: Callable[[str], Any] | None = print):
+    def __init__(self, run_dir: str | Path, *, resume: bool = False, init_from: str | Path | None = None,
+                 control: Control | None = None, echo: Callable[[str], Any] | None = print):
         self.rundir = RunDir.at(run_dir)
-        if cfg is None:  # resuming: the run's own config
-            if not self.rundir.exists():
-                raise ConfigError(f"no run at {run_dir} (no config.toml there)")
-            cfg = config_mod.load(self.rundir.config)
-        self.cfg = cfg
+        if not self.rundir.exists():
+            raise ConfigError(f"no run at {run_dir} (no config.toml there)")
+        self.cfg: RunConfig = config_mod.load(self.rundir.config)
         self.resume, self.init_from = resume, init_from
         self.control = control or Control()
         self._echo = echo
@@ -101,6 +102,8 @@ class Trainer:
         self._bad_steps = 0
         self._rollbacks = 0
         self._saved_step: int | None = None  # the step of the last checkpoint this process wrote
+        self._save_failures = 0  # failed saves in a row (see save_checkpoint)
+        self._save_error = ""  # the last failure's message
 
     @property
     def max_steps(self) -> int:
@@ -127,16 +130,12 @@ class Trainer:
         cfg = self.cfg
         self.dataset = Dataset.open(cfg.data.path)
         tok = self.dataset.tokenizer
-        if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = tok.vocab_size
-        elif cfg.model.vocab_size < tok.vocab_size:
-            raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
-                              f"{tok.vocab_size}; set it to 0 to take the tokenizer's")
-        if len(self.dataset.train) <= cfg.model.seq_len:
-            raise DataError(f"the train split has {len(self.dataset.train)} tokens, not more than model.seq_len "
-                            f"{cfg.model.seq_len}; use a shorter seq_len or more data")
+        config_mod.resolve_data_fields(cfg, tok.vocab_size, len(self.dataset.train))
         self.device = device_info(cfg.train)
-        self.ops = select(cfg.train.kernels, self.device.type)
+        try:
+            self.ops = select(cfg.train.kernels, self.device.type)
+        except KernelsUnavailable as e:  # the kernels' own error, told to the user as a config error
+            raise ConfigError(str(e)) from None
         torch.manual_seed(cfg.train.seed)
         self.model = GPT(cfg.model, self.ops).to(self.device.device)
         self.optimizer = self.ops.adamw(self.model.param_groups(cfg.optim.weight_decay), cfg.optim.lr,
@@ -144,8 +143,6 @@ class Trainer:
                                         fused=self.device.type == "cuda")
         self.params = [p for p in self.model.parameters()]
         self.flops_per_token = self.model.flops_per_token()
-        if not self.rundir.exists():
-            self.rundir.write_run_files(cfg, tok)
         checkpoint.clean_temporaries(self.rundir)
         self.log(f"kernels: {self.ops.name} ({self.ops.reason})")
         peak = "unknown peak (MFU n/a)" if not self.device.peak_flops else f"peak {human(self.device.peak_flops)}FLOP/s"
@@ -187,7 +184,15 @@ class Trainer:
 
     # --- the pieces a Control can call ------------------------------------------------------------
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, final: bool = False) -> Path:
+        """Write a checkpoint of this step; checkpoint.SaveFailed (one line) if it cannot be written.
+
+        A failed save (a full disk) leaves no partial files and touches no earlier checkpoint.
+        Every failure counts, periodic or asked for over the socket (which answers ok=false with
+        the message); a success resets the count. Below MAX_SAVE_FAILURES in a row the failure is
+        logged and training goes on, the next checkpoint interval retrying; at MAX_SAVE_FAILURES,
+        or when the `final` save (end of run, or stop) fails, the message is the run's error.
+        """
         ev = self.last_eval if self.last_eval and self.last_eval.get("step") == self.step else {}
         state = {
             "step": self.step,
@@ -204,12 +209,36 @@ class Trainer:
                         "val_bpb": ev.get("val_bpb"), "val_step": ev.get("step")},
             "saved_at": time.time(),
         }
-        path = checkpoint.save(self.rundir, self.model, self.optimizer, state,
-                               self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best)
+        try:
+            path = checkpoint.save(self.rundir, self.model, self.optimizer, state,
+                                   self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best)
+        except OSError as e:
+            raise self._save_failed(e, final) from None
         self._saved_step = self.step
+        self._save_failures = 0
         self.events.emit("checkpoint", step=self.step, path=str(path.relative_to(self.rundir.root)),
                          val_loss=ev.get("val_loss"))
         return path
+
+    def _save_failed(self, error: OSError, final: bool) -> checkpoint.SaveFailed:
+        self._save_failures += 1
+        intact = self.rundir.latest_checkpoint()
+        kept = f"{intact.name} is intact" if intact else "no checkpoint of this run is saved yet"
+        if final:
+            then = "the run ends without its final checkpoint"
+        elif self._save_failures >= MAX_SAVE_FAILURES:
+            then = f"giving up after {MAX_SAVE_FAILURES} failed saves in a row"
+            self.stop_requested = True  # ends the loop (and a pause); it then raises this as the run's error
+        else:
+            interval = self.cfg.checkpoint.interval
+            retry = (self.step // interval + 1) * interval if interval > 0 else self.max_steps
+            when = f"at step {retry}" if retry < self.max_steps else "with the final checkpoint"
+            then = f"retrying {when} (failure {self._save_failures} of {MAX_SAVE_FAILURES})"
+        self._save_error = (f"checkpoint {checkpoint.checkpoint_name(self.step)} not saved: "
+                            f"{checkpoint.write_error_reason(error)}; {kept}; {then}")
+        if not final and self._save_failures < MAX_SAVE_FAILURES:
+            self.log(self._save_error)  # else it is the run's error, reported once
+        return checkpoint.SaveFailed(self._save_error)
 
     def run_eval(self) -> dict:
         from workbench.engine.evaluate import evaluate
@@ -347,18 +376,23 @@ class Trainer:
             if self._due(cfg.eval.sample_interval):
                 self._periodic_sample()
             if self._due(cfg.checkpoint.interval) and self.step < self.max_steps:
-                self.save_checkpoint()
+                try:
+                    self.save_checkpoint()
+                except checkpoint.SaveFailed:
+                    pass  # logged and counted: the next interval retries, or the loop ends below
             self.elapsed_s += time.perf_counter() - t1
             self.control.poll(self)
+        if self._save_failures >= MAX_SAVE_FAILURES:  # the last save (periodic or asked for) gave up
+            raise checkpoint.SaveFailed(self._save_error)
         if self.stop_requested and self.step < self.max_steps:
             if self._stop_signal:
                 self.log(f"{self._stop_signal} received: stopping at step {self.step} with a checkpoint")
             if self._saved_step != self.step:  # e.g. a periodic checkpoint at this very step
-                self.save_checkpoint()
+                self.save_checkpoint(final=True)
             return "stopped"
         if self.last_eval is None or self.last_eval.get("step") != self.step:
             self.run_eval()
-        self.save_checkpoint()
+        self.save_checkpoint(final=True)
         return "finished"
 
     def _periodic_sample(self) -> None:
@@ -424,11 +458,9 @@ class Trainer:
                 signal.signal(s, handler)
 
 
-def train(run_dir: str | Path, cfg: RunConfig | None = None, *, resume: bool = False, init_from: str | Path | None = None,
+def train(run_dir: str | Path, *, resume: bool = False, init_from: str | Path | None = None,
           control: Control | None = None, echo: Callable[[str], Any] | None = print,
           handle_signals: bool = True) -> str:
-    """Train the run in `run_dir` and return its final state: finished or stopped (or raise after `crashed`).
-
-    A new run's folder gets config.toml and the tokenizer copy on the way (see RunDir.write_run_files);
-    `cfg=None` (with resume) reads the run's own config.toml."""
-    return Trainer(run_dir, cfg, resume=resume, init_from=init_from, control=control, echo=echo).run(handle_signals)
+    """Train the run in `run_dir` (its config.toml: see run_setup.create_run) and return its final
+    state: finished or stopped (or raise after `crashed`)."""
+    return Trainer(run_dir, resume=resume, init_from=init_from, control=control, echo=echo).run(handle_signals)

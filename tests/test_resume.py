@@ -18,6 +18,7 @@ from workbench.engine import checkpoint
 from workbench.engine.control import StopAt
 from workbench.engine.rundir import RunDir
 from workbench.engine.train import train
+from workbench.engine.run_setup import create_run
 from engine_helpers import events_of, step_losses, tiny_config, tiny_raw, workbench, workbench_popen, write_toml
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -45,12 +46,12 @@ def test_stop_and_resume_is_exact(tiny_data, tmp_path):
     # sample_interval exercises generation mid-run: it must not disturb the training RNG or data.
     sections = {"train": {"max_steps": 24, "threads": 1}, "eval": {"interval": 6, "sample_interval": 5}}
     straight = tmp_path / "straight"
-    assert train(straight, tiny_config(tiny_data, **sections), echo=None) == "finished"
+    assert train(create_run(straight, tiny_config(tiny_data, **sections)), echo=None) == "finished"
 
     split = tmp_path / "split"
-    assert train(split, tiny_config(tiny_data, **sections), control=StopAt(11), echo=None) == "stopped"
+    assert train(create_run(split, tiny_config(tiny_data, **sections)), control=StopAt(11), echo=None) == "stopped"
     assert RunDir.at(split).latest_checkpoint().name == "step_000011"
-    assert train(split, None, resume=True, echo=None) == "finished"
+    assert train(split, resume=True, echo=None) == "finished"
 
     want = step_losses(straight)
     got = resumed_losses(split)
@@ -70,7 +71,7 @@ def test_kill_9_then_resume_is_exact(tiny_data, tmp_path):
                    checkpoint={"interval": 20, "keep_last": 2})
     config = write_toml(tmp_path / "c.toml", raw)
     straight = tmp_path / "straight"
-    assert train(straight, tiny_config(tiny_data, **{k: v for k, v in raw.items()}), echo=None) == "finished"
+    assert train(create_run(straight, tiny_config(tiny_data, **{k: v for k, v in raw.items()})), echo=None) == "finished"
 
     run = tmp_path / "killed"
     proc = workbench_popen("train", config, "--data", tiny_data, "--run", run)
@@ -103,7 +104,7 @@ def test_kill_9_then_resume_is_exact(tiny_data, tmp_path):
 
 def test_resume_extends_max_steps(tiny_data, tmp_path):
     run = tmp_path / "run"
-    assert train(run, tiny_config(tiny_data, train={"max_steps": 6}), echo=None) == "finished"
+    assert train(create_run(run, tiny_config(tiny_data, train={"max_steps": 6})), echo=None) == "finished"
     refused = workbench("train", "--resume", run)
     assert refused.returncode != 0 and "already at step 6 of 6" in refused.stderr
     result = workbench("train", "--resume", run, "--max-steps", "9")

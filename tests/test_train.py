@@ -14,6 +14,7 @@ from workbench.engine import checkpoint
 from workbench.engine.control import Control, StopAt
 from workbench.engine.rundir import RunDir
 from workbench.engine.formatting import format_event
+from workbench.engine.run_setup import create_run
 from workbench.engine.train import get_batch, lr_at, train
 from engine_helpers import events_of, step_losses, tiny_config, tiny_raw, workbench, workbench_popen, write_toml
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 def test_training_writes_events_checkpoints_and_run_files(tiny_data, tmp_path):
     lines = []
     cfg = tiny_config(tiny_data, eval={"sample_interval": 10, "sample_prompt": "The "})
-    assert train(tmp_path / "run", cfg, echo=lines.append) == "finished"
+    assert train(create_run(tmp_path / "run", cfg), echo=lines.append) == "finished"
     run = RunDir.at(tmp_path / "run")
 
     states = [e["state"] for e in events_of(run.root, "state")]
@@ -97,7 +98,7 @@ def test_batches_are_a_pure_function_of_seed_step_micro():
 def test_gradient_accumulation_counts_tokens(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, train={"grad_accum": 3, "max_steps": 4}, eval={"interval": 0},
                       checkpoint={"interval": 0})
-    assert train(tmp_path / "run", cfg, echo=None) == "finished"
+    assert train(create_run(tmp_path / "run", cfg), echo=None) == "finished"
     assert [e["tokens"] for e in events_of(tmp_path / "run", "step")] == [384, 768, 1152, 1536]
 
 
@@ -124,7 +125,7 @@ class Steering(Control):
 def test_control_hook_can_steer_the_run(tiny_data, tmp_path):
     control = Steering()
     cfg = tiny_config(tiny_data)
-    assert train(tmp_path / "run", cfg, control=control, echo=None) == "stopped"
+    assert train(create_run(tmp_path / "run", cfg), control=control, echo=None) == "stopped"
     run = tmp_path / "run"
     assert control.results["eval"]["step"] == 3 and control.results["eval"]["val_loss"] > 0
     assert control.results["save"].name == "step_000003"
@@ -154,7 +155,7 @@ class Poison(Control):
 
 def test_non_finite_steps_are_skipped_then_rolled_back(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data)
-    assert train(tmp_path / "run", cfg, control=Poison(), echo=None) == "finished"
+    assert train(create_run(tmp_path / "run", cfg), control=Poison(), echo=None) == "finished"
     messages = [e["message"] for e in events_of(tmp_path / "run", "log")]
     skipped = [m for m in messages if "optimizer step skipped" in m]
     assert len(skipped) == 3
@@ -181,7 +182,7 @@ def test_divergence_before_any_checkpoint_is_a_clear_error(tiny_data, tmp_path):
     from workbench.engine.errors import WorkbenchError
 
     with pytest.raises(WorkbenchError, match="diverged .* before the first checkpoint; lower optim.lr"):
-        train(tmp_path / "run", tiny_config(tiny_data), control=PoisonEarly(), echo=None)
+        train(create_run(tmp_path / "run", tiny_config(tiny_data)), control=PoisonEarly(), echo=None)
     assert events_of(tmp_path / "run", "state")[-1]["state"] == "crashed"
 
 
@@ -193,7 +194,7 @@ class Explode(Control):
 
 def test_crash_writes_error_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
-        train(tmp_path / "run", tiny_config(tiny_data), control=Explode(), echo=None)
+        train(create_run(tmp_path / "run", tiny_config(tiny_data)), control=Explode(), echo=None)
     errors = events_of(tmp_path / "run", "error")
     assert len(errors) == 1 and "boom" in errors[0]["message"] and "Traceback" in errors[0]["traceback"]
     assert events_of(tmp_path / "run", "state")[-1]["state"] == "crashed"
@@ -218,7 +219,7 @@ def test_foreground_shows_no_system_lines_and_leaves_errors_to_the_caller(tiny_d
 
     lines = []
     with pytest.raises(DataError, match="the data went away"):
-        train(tmp_path / "run", tiny_config(tiny_data), control=UserErrorAt(), echo=lines.append)
+        train(create_run(tmp_path / "run", tiny_config(tiny_data)), control=UserErrorAt(), echo=lines.append)
     # The CLI prints the error once, as one line: no echoed copy, no traceback; no system line per second.
     assert not [line for line in lines if line.startswith(("error", "system", "Traceback"))], lines
     assert lines[-1] == "state: crashed"
@@ -226,7 +227,7 @@ def test_foreground_shows_no_system_lines_and_leaves_errors_to_the_caller(tiny_d
     assert [e["message"] for e in errors] == ["the data went away"] and "traceback" not in errors[0]
 
 def test_stop_at_saves_and_ends_stopped(tiny_data, tmp_path):
-    assert train(tmp_path / "run", tiny_config(tiny_data), control=StopAt(7), echo=None) == "stopped"
+    assert train(create_run(tmp_path / "run", tiny_config(tiny_data)), control=StopAt(7), echo=None) == "stopped"
     assert RunDir.at(tmp_path / "run").latest_checkpoint().name == "step_000007"
     assert max(step_losses(tmp_path / "run")) == 7
 
@@ -285,7 +286,7 @@ def test_time_budget_ends_the_run_and_decays_the_lr_over_it(tiny_data, tmp_path)
     cfg = tiny_config(tiny_data, train={"max_steps": 1_000_000, "max_seconds": 1.5},
                       eval={"interval": 0}, checkpoint={"interval": 0})
     started = time.monotonic()
-    assert train(tmp_path / "run", cfg, echo=None) == "finished"
+    assert train(create_run(tmp_path / "run", cfg), echo=None) == "finished"
     assert time.monotonic() - started < 30
     steps = events_of(tmp_path / "run", "step")
     last = steps[-1]
@@ -300,7 +301,7 @@ def test_time_budget_ends_the_run_and_decays_the_lr_over_it(tiny_data, tmp_path)
 
 
 def test_a_stop_right_after_a_periodic_checkpoint_saves_that_step_once(tiny_data, tmp_path):
-    assert train(tmp_path / "run", tiny_config(tiny_data), control=StopAt(10), echo=None) == "stopped"
+    assert train(create_run(tmp_path / "run", tiny_config(tiny_data)), control=StopAt(10), echo=None) == "stopped"
     saved = [e["step"] for e in events_of(tmp_path / "run", "checkpoint")]
     assert saved == [10]
     assert RunDir.at(tmp_path / "run").latest_checkpoint().name == "step_000010"

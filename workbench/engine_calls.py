@@ -9,7 +9,6 @@ the engine's own one-line message (`error: ...`), ready for a notification.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from workbench.engine.errors import WorkbenchError
+from workbench.engine.process.spawn import child_env
 from workbench.engine.rundir import RunDir, atomic_write_text
 
 # A detached start returns once the engine is up; a cold torch import on a busy
@@ -30,17 +30,6 @@ START_TIMEOUT_S = 180.0
 
 class EngineCallError(Exception):
     """An engine command failed; the message is one line meant for the user."""
-
-
-def engine_env() -> dict[str, str]:
-    """The environment for engine subprocesses: this checkout's packages importable from any cwd."""
-    env = dict(os.environ)
-    spec = importlib.util.find_spec("workbench.engine")
-    if spec and spec.origin:
-        root = str(Path(spec.origin).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def engine_command(*args: str) -> list[str]:
@@ -64,7 +53,7 @@ def run_engine(*args: str, timeout: float | None = None) -> subprocess.Completed
     """
     with tempfile.TemporaryFile("w+t") as out, tempfile.TemporaryFile("w+t") as err:
         try:
-            rc = subprocess.run(engine_command(*args), stdout=out, stderr=err, text=True, env=engine_env(),
+            rc = subprocess.run(engine_command(*args), stdout=out, stderr=err, text=True, env=child_env(),
                                 stdin=subprocess.DEVNULL, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             raise EngineCallError(f"`workbench {args[0]}` did not finish within {timeout:.0f} s") from None
@@ -100,7 +89,7 @@ class PrepareJob:
         """Run to the end; return the report (report.json). Raises EngineCallError."""
         err = tempfile.TemporaryFile(mode="w+t")
         self._proc = subprocess.Popen(engine_command(*self.args), stdout=subprocess.PIPE, stderr=err,
-                                      stdin=subprocess.DEVNULL, text=True, env=engine_env(), bufsize=1)
+                                      stdin=subprocess.DEVNULL, text=True, env=child_env(), bufsize=1)
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
             line = line.strip()
@@ -202,26 +191,67 @@ def resume_training(run: str | Path, checkpoint: str | None = None, max_steps: i
     return run_engine(*args, timeout=START_TIMEOUT_S).stdout
 
 
-def sample(run: str | Path, prompt: str, checkpoint: str | None = None, *, n: int = 1,
-           max_tokens: int = 64, temperature: float = 0.8, top_p: float | None = None,
-           seed: int | None = None) -> list[dict[str, Any]]:
-    """Generate from a checkpoint in a child process (`workbench sample --json`)."""
-    args = ["sample", str(run), f"--prompt={prompt}", "--json", "-n", str(n),
-            "--max-tokens", str(max_tokens), "--temperature", str(temperature)]
-    if checkpoint:
-        args += ["--checkpoint", checkpoint]
-    if top_p is not None:
-        args += ["--top-p", str(top_p)]
-    if seed is not None:
-        args += ["--seed", str(seed)]
-    out = run_engine(*args, timeout=600).stdout
-    samples = []
-    for line in out.splitlines():
-        line = line.strip()
-        if line.startswith("{") or line.startswith("["):
-            value = json.loads(line)
-            samples.extend(value if isinstance(value, list) else [value])
-    return samples
+class Sampler:
+    """Generations from a checkpoint in `workbench sample --json` children (torch stays out of the TUI).
+
+    The children are tracked so that close() (leaving a screen, or the app) ends those still
+    running at once instead of waiting for generations nobody will read.
+    """
+
+    def __init__(self) -> None:
+        self._children: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __call__(self, run: str | Path, prompt: str, checkpoint: str | None = None, *, n: int = 1,
+                 max_tokens: int = 64, temperature: float = 0.8, top_p: float | None = None,
+                 seed: int | None = None) -> list[dict[str, Any]]:
+        args = ["sample", str(run), f"--prompt={prompt}", "--json", "-n", str(n),
+                "--max-tokens", str(max_tokens), "--temperature", str(temperature)]
+        if checkpoint:
+            args += ["--checkpoint", checkpoint]
+        if top_p is not None:
+            args += ["--top-p", str(top_p)]
+        if seed is not None:
+            args += ["--seed", str(seed)]
+        with self._lock:
+            if self._closed:
+                raise EngineCallError("cancelled")
+            child = subprocess.Popen(engine_command(*args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=child_env())
+            self._children.add(child)
+        try:
+            out, err = child.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            raise EngineCallError("`workbench sample` did not finish within 600 s") from None
+        finally:
+            with self._lock:
+                self._children.discard(child)
+        if self._closed:
+            raise EngineCallError("cancelled")
+        if child.returncode != 0:
+            raise EngineCallError(error_line(err, child.returncode))
+        samples = []
+        for line in out.splitlines():
+            line = line.strip()
+            if line.startswith("{") or line.startswith("["):
+                value = json.loads(line)
+                samples.extend(value if isinstance(value, list) else [value])
+        if not samples:
+            raise EngineCallError("the sampler printed no result")
+        return samples
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for child in self._children:
+                child.terminate()
+
+
+def sample(run: str | Path, prompt: str, checkpoint: str | None = None, **settings: Any) -> list[dict[str, Any]]:
+    """Generate from a checkpoint in a child process (`workbench sample --json`); see Sampler."""
+    return Sampler()(run, prompt, checkpoint, **settings)
 
 
 # ---------------------------------------------------------------- control and files
@@ -253,10 +283,10 @@ def delete_run(run: str | Path) -> None:
 
 
 def checkpoint_names(run: str | Path) -> list[str]:
-    d = RunDir.at(run).checkpoints
-    if not d.is_dir():
-        return []
-    return sorted(p.name for p in d.iterdir() if p.is_dir() and (p / "state.json").is_file())
+    """Complete checkpoints, oldest first."""
+    from workbench.engine.checkpoint import list_checkpoints
+
+    return [p.name for p in list_checkpoints(RunDir.at(run))]
 
 
 def point_latest_at(run: str | Path, checkpoint: str) -> None:

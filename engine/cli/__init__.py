@@ -1,6 +1,6 @@
 """The headless command line: `workbench prepare|train|sample|eval|quickstart|...`.
 
-Each subcommand lives in the module that owns the concept; this file only routes.
+Each subcommand is one module of this package; this file only routes.
 A module exposes `add_arguments(parser)` and `run(args) -> int`. User-caused
 failures (`WorkbenchError`, OSError such as a full disk) end in one line on stderr
 and a non-zero exit; nothing else is caught, so bugs keep their traceback.
@@ -17,11 +17,11 @@ from workbench.engine.errors import WorkbenchError
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "prepare": ("workbench.engine.data.prepare", "clean, filter, dedup and tokenize text into token shards"),
+    "prepare": ("workbench.engine.cli.prepare", "clean, filter, dedup and tokenize text into token shards"),
     "train": ("workbench.engine.cli.train", "train a model (or --resume a run, or --init-from a checkpoint)"),
     "sample": ("workbench.engine.cli.sample", "generate text from a run's checkpoint"),
-    "eval": ("workbench.engine.evaluate", "validation loss, perplexity, bits per byte and the worst documents"),
-    "quickstart": ("workbench.engine.quickstart", "prepare the built-in corpus and train a tiny model"),
+    "eval": ("workbench.engine.cli.eval", "validation loss, perplexity, bits per byte and the worst documents"),
+    "quickstart": ("workbench.engine.cli.quickstart", "prepare the built-in corpus and train a tiny model"),
     "ls": ("workbench.engine.cli.runs", "list runs with state, step, losses, tokens/s, device and age"),
     "attach": ("workbench.engine.cli.attach", "live plain-text view of a run: its history, then live events"),
     "status": ("workbench.engine.cli.control", "a run's state, step and live settings"),
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno == errno.ENOSPC:
             print(f"error: disk full while writing {e.filename or 'output'}; nothing saved earlier was touched",
                   file=sys.stderr)
+        elif e.errno == errno.EFBIG:  # RLIMIT_FSIZE (`ulimit -f`) or the filesystem's largest file
+            print(f"error: file too large while writing {e.filename or 'output'} (over the file size limit, "
+                  "see `ulimit -f`); nothing saved earlier was touched", file=sys.stderr)
         else:
             print(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
         return 1

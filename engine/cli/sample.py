@@ -12,6 +12,7 @@ import secrets
 
 from workbench.engine.errors import ConfigError
 from workbench.engine.formatting import terminal_safe
+from workbench.engine.process import client
 
 
 def add_arguments(parser) -> None:
@@ -59,7 +60,6 @@ def run(args) -> int:
     check_args(args)
     if args.seed is None:  # a drawn seed, reported, so any sample can be reproduced
         args.seed = secrets.randbelow(2**31)
-    from workbench.engine.cli.control import live_sample  # a running engine samples its current weights
 
     if (done := live_sample(args)) is not None:
         return done
@@ -78,4 +78,32 @@ def run(args) -> int:
             if args.num_samples > 1:
                 print(f"--- sample {i + 1} ({loaded.checkpoint.name}) ---")
             print(terminal_safe(args.prompt + text))
+    return 0
+
+
+def live_sample(args) -> int | None:
+    """Sample from the running engine's current weights; None if no engine runs (or --checkpoint asks
+    for a saved one), so that the caller samples from a checkpoint instead."""
+    if getattr(args, "checkpoint", None) or not client.engine_alive(args.run):
+        return None
+    texts = []
+    try:
+        for i in range(args.num_samples):
+            seed = None if args.seed is None else args.seed + i
+            reply = client.request(args.run, "sample", timeout=600.0, prompt=args.prompt, max_tokens=args.max_tokens,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed)
+            texts.append((reply, seed))
+    except client.EngineNotRunning:
+        if texts:
+            raise
+        return None  # it ended in the meantime: its checkpoints are all there
+    for i, (reply, seed) in enumerate(texts):
+        if args.json:
+            print(json.dumps({"run": args.run, "checkpoint": "live", "step": reply["step"], "prompt": args.prompt,
+                              "text": reply["text"], "temperature": args.temperature, "top_k": args.top_k,
+                              "top_p": args.top_p, "seed": seed}))
+        else:
+            if args.num_samples > 1:
+                print(f"--- sample {i + 1} (live engine, step {reply['step']}) ---")
+            print(terminal_safe(args.prompt + reply["text"]))
     return 0

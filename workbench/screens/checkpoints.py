@@ -23,12 +23,12 @@ from textual.screen import ModalScreen, Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, DataTable, Footer, Header, Input, Static
 
+from workbench.engine import checkpoint
 from workbench.engine.estimates import human
 from workbench.engine.rundir import RunDir
 from workbench import engine_calls
 from workbench.screens.new_run import RUN_NAME, field
 
-CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
 COLUMNS = (("name", "Checkpoint"), ("step", "Step"), ("tokens", "Tokens"), ("val_loss", "Val loss"),
            ("val_bpb", "BPB"), ("size", "Size"), ("date", "Saved"))
 
@@ -41,34 +41,7 @@ def human_bytes(n: float) -> str:
 
 
 def read_checkpoints(run_dir: Path) -> list[dict[str, Any]]:
-    """One row per complete checkpoint (state.json present), oldest step first. Pure file reads."""
-    rd = RunDir.at(run_dir)
-    latest = rd.latest_checkpoint()
-    rows = []
-    if not rd.checkpoints.is_dir():
-        return rows
-    for path in rd.checkpoints.iterdir():
-        m = CHECKPOINT_NAME.match(path.name)
-        if not m or not (path / "state.json").is_file():
-            continue
-        try:
-            state = json.loads((path / "state.json").read_text())
-        except (OSError, ValueError):
-            state = {}
-        metrics = state.get("metrics") or {}
-        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-        rows.append({
-            "name": path.name, "path": str(path), "step": int(state.get("step", m.group(1))),
-            "tokens": state.get("tokens"), "val_loss": metrics.get("val_loss"), "val_bpb": metrics.get("val_bpb"),
-            "train_loss": metrics.get("train_loss"), "size": size,
-            "saved_at": state.get("saved_at") or path.stat().st_mtime,
-            "latest": latest is not None and latest.name == path.name,
-        })
-    rows.sort(key=lambda r: r["step"])
-    scored = [r for r in rows if isinstance(r["val_loss"], (int, float))]
-    if scored:
-        min(scored, key=lambda r: r["val_loss"])["best"] = True
-    return rows
+    return checkpoint.summaries(RunDir.at(run_dir))
 
 
 def format_row(row: dict[str, Any]) -> list[Any]:

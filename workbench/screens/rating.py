@@ -30,7 +30,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, Static
 
 from workbench.engine.rundir import RunDir
-from workbench import ratings
+from workbench import engine_calls, ratings
 
 # A generator takes (run_dir, checkpoint, prompt, settings) and returns the generated text.
 Generator = Callable[[Path, str, str, dict[str, Any]], str]
@@ -41,51 +41,22 @@ MAX_TOKENS = 64
 
 
 class EngineSampler:
-    """Generations by `workbench sample --json` child processes (torch stays out of the TUI).
-
-    The children are tracked so that leaving the screen (or the app) ends them at once
-    instead of waiting for a generation nobody will read.
-    """
+    """The rating screen's generator: one text per call, from engine_calls.Sampler's children."""
 
     def __init__(self) -> None:
-        self._children: set[subprocess.Popen] = set()
-        self._lock = threading.Lock()
-        self._closed = False
+        self._sampler = engine_calls.Sampler()
 
     def __call__(self, run_dir: Path, checkpoint: str, prompt: str, settings: dict[str, Any]) -> str:
-        from workbench.engine_calls import engine_command, engine_env, error_line
-
-        args = ["sample", str(run_dir), "--checkpoint", checkpoint, f"--prompt={prompt}", "--json", "-n", "1",
-                "--max-tokens", str(settings.get("max_tokens", MAX_TOKENS)),
-                "--temperature", str(settings.get("temperature", 0.8)), "--top-p", str(settings.get("top_p", 1.0))]
-        if settings.get("seed") is not None:
-            args += ["--seed", str(settings["seed"])]
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("cancelled")
-            child = subprocess.Popen(engine_command(*args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=engine_env())
-            self._children.add(child)
         try:
-            out, err = child.communicate()
-        finally:
-            with self._lock:
-                self._children.discard(child)
-        if self._closed:
-            raise RuntimeError("cancelled")
-        if child.returncode != 0:
-            raise RuntimeError(error_line(err, child.returncode))
-        for line in out.splitlines():
-            if line.startswith("{"):
-                sample = json.loads(line)
-                return str(sample.get("text", ""))
-        raise RuntimeError("the sampler printed no result")
+            sample = self._sampler(run_dir, prompt, checkpoint, max_tokens=settings.get("max_tokens", MAX_TOKENS),
+                                   temperature=settings.get("temperature", 0.8), top_p=settings.get("top_p", 1.0),
+                                   seed=settings.get("seed"))[0]
+        except engine_calls.EngineCallError as e:
+            raise RuntimeError(str(e)) from None
+        return str(sample.get("text", ""))
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            for child in self._children:
-                child.terminate()
+        self._sampler.close()
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -104,14 +75,6 @@ def read_prompts(path: str | Path) -> list[str]:
                 pass
         prompts.append(line.rstrip("\n"))
     return prompts
-
-
-def checkpoint_names(run_dir: Path) -> list[str]:
-    """Complete checkpoints (they have state.json), oldest first."""
-    folder = RunDir.at(run_dir).checkpoints
-    if not folder.is_dir():
-        return []
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / "state.json").is_file())
 
 
 class RatingScreen(Screen):
@@ -198,7 +161,7 @@ prompt list (one prompt per line; a run's own `prompts.txt` is used when it has 
         self.query_one("#side-b").border_title = "B"
         if self.prompt_error:
             self.notify(self.prompt_error, severity="error")
-        if len(checkpoint_names(self.run_dir)) < 2:
+        if len(engine_calls.checkpoint_names(self.run_dir)) < 2:
             self.mode = "settings"
         if self.prompts:
             self.action_next()
@@ -246,7 +209,7 @@ prompt list (one prompt per line; a run's own `prompts.txt` is used when it has 
         self._start_round(prompt)
 
     def _contenders(self, quiet: bool = False) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        names = checkpoint_names(self.run_dir)
+        names = engine_calls.checkpoint_names(self.run_dir)
         if not names:
             if not quiet:
                 self.notify(f"{self.run.name} has no checkpoint yet: save one first (s on the dashboard)",
@@ -436,7 +399,7 @@ prompt list (one prompt per line; a run's own `prompts.txt` is used when it has 
         self.query_one("#prompt", Input).focus()
 
     def action_toggle_mode(self) -> None:
-        if self.mode == "settings" and len(checkpoint_names(self.run_dir)) < 2:
+        if self.mode == "settings" and len(engine_calls.checkpoint_names(self.run_dir)) < 2:
             self.notify("only one checkpoint: comparing decoding settings", severity="warning")
             return
         self.mode = "settings" if self.mode == "checkpoints" else "checkpoints"

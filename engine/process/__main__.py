@@ -1,0 +1,5 @@
+import sys
+
+from workbench.engine.process.host import main
+
+sys.exit(main())
