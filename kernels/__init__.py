@@ -8,14 +8,19 @@
     adamw(param_groups, lr, betas, eps) -> torch.optim.Optimizer
 `mode` is "auto" | "cupy" | "torch": auto uses the CuPy kernels on CUDA when they load,
 else the references; `Ops.reason` says which was chosen and why, for the run's log.
+When it cannot give what `mode` asks for, select raises KernelsUnavailable, whose message is
+written for the user (the engine reports it as a config error). This package imports nothing
+from workbench.engine: the engine depends on the kernels, never the other way round.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from workbench.engine.errors import ConfigError
+
+class KernelsUnavailable(ValueError):
+    """select() cannot give the ops asked for: an unknown mode, or "cupy" where the CuPy kernels cannot run."""
 
 
 @dataclass(frozen=True)
@@ -61,16 +66,16 @@ def cupy_ops() -> Ops:
 
 def select(mode: str, device_type: str) -> Ops:
     if mode not in ("auto", "cupy", "torch"):
-        raise ConfigError(f"train.kernels must be auto, cupy or torch, got {mode!r}")
+        raise KernelsUnavailable(f"train.kernels must be auto, cupy or torch, got {mode!r}")
     if mode == "torch":
         return reference_ops("kernels = \"torch\" in the config")
     if device_type != "cuda":
         if mode == "cupy":
-            raise ConfigError("kernels = \"cupy\" needs a CUDA device; use \"auto\" or \"torch\" on the CPU")
+            raise KernelsUnavailable("kernels = \"cupy\" needs a CUDA device; use \"auto\" or \"torch\" on the CPU")
         return reference_ops(f"PyTorch reference ops: the device is {device_type}, not CUDA")
     try:
         return cupy_ops()
     except Exception as e:  # noqa: BLE001 - any load failure falls back under auto
         if mode == "cupy":
-            raise ConfigError(f"kernels = \"cupy\" but the CuPy kernels cannot load: {e}") from None
+            raise KernelsUnavailable(f"kernels = \"cupy\" but the CuPy kernels cannot load: {e}") from None
         return reference_ops(f"PyTorch reference ops: CuPy kernels unavailable ({e})")

@@ -117,7 +117,7 @@ class AdamW(torch.optim.Optimizer):
             lr = float(group["lr"])
             # One launch per (device, dtype, step): usually one per group.
             buckets: dict[tuple, list[tuple[Tensor, dict]]] = defaultdict(list)
-            for p, state, step in zip(params, states, step_values):
+            for p, state, step in zip(params, states, step_values, strict=True):
                 if p.grad.is_sparse:
                     raise ValueError("AdamW does not support sparse gradients")
                 if p.dtype not in DTYPES:
@@ -152,7 +152,7 @@ class AdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params):
+        for saved_id, p in zip(saved_ids, params, strict=True):  # super() checked the group sizes
             saved = state_dict["state"].get(saved_id)
             if not saved:
                 continue

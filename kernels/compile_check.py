@@ -4,9 +4,10 @@
     python -m workbench.kernels.compile_check --arch sm_90 kernels/rmsnorm.cu
 
 Builds a cubin per file and architecture (`nvcc -cubin -Xptxas -v`) from the same text CuPy
-compiles at run time (`nvrtc_source`: the file with its local headers pasted in), and prints one line per kernel: registers, spill stores/loads (bytes)
-and stack frame. Exits 1 if any file fails to compile, 0 otherwise (spills are reported, not
-fatal: they cost speed, not correctness). No GPU is needed, only the CUDA toolkit.
+compiles at run time (`nvrtc_source`: the file with its local headers pasted in), and prints one
+line per kernel: registers, spill stores/loads (bytes) and stack frame. Exits 1 if any file fails
+to compile, 0 otherwise (spills are reported, not fatal: they cost speed, not correctness).
+No GPU is needed, only the CUDA toolkit.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def compile_file(path: Path, arch: str, compiler: str | None = None) -> list[Ker
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workbench.kernels.compile_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m workbench.kernels.compile_check",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", type=Path, help="kernel files (default: every kernels/*.cu)")
     parser.add_argument("--arch", action="append", help="a GPU architecture, repeatable (default: sm_80 and sm_90)")
     args = parser.parse_args(argv)

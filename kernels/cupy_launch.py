@@ -24,6 +24,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +182,8 @@ def rows_of(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     if rows <= 1:
         return (t if t.stride(-1) == 1 or C <= 1 else t.contiguous()), rows, C, C
     if t.stride(-1) == 1:
-        lead = [(n, s) for n, s in zip(t.shape[:-1], t.stride()[:-1]) if n != 1]
-        if all(outer == inner * n for (_, outer), (n, inner) in zip(lead, lead[1:])) and lead[-1][1] >= C:
+        lead = [(n, s) for n, s in zip(t.shape[:-1], t.stride()[:-1], strict=True) if n != 1]
+        if all(outer == inner * n for (_, outer), (n, inner) in pairwise(lead)) and lead[-1][1] >= C:
             return t, rows, C, lead[-1][1]
     return t.contiguous(), rows, C, C
 

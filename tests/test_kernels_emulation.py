@@ -184,7 +184,8 @@ def test_shuffle_semantics_follow_ptx(mod):
     rows = out.reshape(8, 32)
     assert list(rows[0]) == [0] + list(range(31))                                  # up 1: lane 0 keeps its own
     assert list(rows[1]) == [i if i % 16 == 15 else i + 1 for i in lane]             # down 1 within 16-lane segments
-    assert list(rows[2]) == [i if i < 16 else i - 16 for i in lane]                  # xor 16, width 16: only later segments reach back
+    # xor 16, width 16: only later segments reach back
+    assert list(rows[2]) == [i if i < 16 else i - 16 for i in lane]
     assert list(rows[3]) == [(i & ~7) + 3 for i in lane]                             # idx 3 within 8-lane segments
     assert list(rows[4]) == [3] * 32                                                 # idx 35 wraps to 3
     assert all(int(v) & 0xffffffff == 0xAAAAAAAA for v in rows[5])                      # ballot of odd lanes

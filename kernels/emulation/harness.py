@@ -246,7 +246,9 @@ def _buffer_of(arg, index: int, kernel: str, pointee: str) -> _Buffer:
         if any(s % arg.itemsize for s in arg.strides):
             raise EmulationError(f"{kernel}: argument {index} has strides that are not whole elements")
         start = arg.__array_interface__["data"][0]
-        make_view = lambda span: np.lib.stride_tricks.as_strided(arg, (span,), (itemsize,)).view(np.uint8)
+
+        def make_view(span):
+            return np.lib.stride_tricks.as_strided(arg, (span,), (itemsize,)).view(np.uint8)
     else:
         import torch
         if not isinstance(arg, torch.Tensor):
@@ -257,13 +259,15 @@ def _buffer_of(arg, index: int, kernel: str, pointee: str) -> _Buffer:
         t = arg.detach()
         code, itemsize = _torch_code(t.dtype), t.element_size()
         shape, strides, start = tuple(t.shape), tuple(t.stride()), t.data_ptr()
-        make_view = lambda span: torch.as_strided(t, (span,), (1,)).view(torch.uint8).numpy()
+
+        def make_view(span):
+            return torch.as_strided(t, (span,), (1,)).view(torch.uint8).numpy()
     if not _pointee_accepts(pointee, code, itemsize):
         raise EmulationError(f"{kernel}: argument {index} must point to {pointee.lstrip('*')}, got a {code} buffer")
     if any(s < 0 for s in strides):
         raise EmulationError(f"{kernel}: argument {index} has negative strides")
     numel = int(np.prod(shape)) if shape else 1
-    span = 0 if numel == 0 else 1 + sum((n - 1) * s for n, s in zip(shape, strides))
+    span = 0 if numel == 0 else 1 + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
     return _Buffer(start, span * itemsize, make_view(span) if span else np.empty(0, np.uint8))
 
 
@@ -353,11 +357,11 @@ class Module:
         if len(args) != len(sig):
             raise EmulationError(f"{name} takes {len(sig)} arguments ({', '.join(sig)}), got {len(args)}")
         buffers: list[_Buffer | None] = []
-        for i, (code, a) in enumerate(zip(sig, args)):
+        for i, (code, a) in enumerate(zip(sig, args, strict=True)):
             buffers.append(_buffer_of(a, i, name, code[1:]) if code.startswith("*") and a is not None else None)
         guarded = _Guarded(buffers) if guard else None
         keep, slots = [], (ctypes.c_void_p * max(1, len(sig)))()
-        for i, (code, a, b) in enumerate(zip(sig, args, buffers)):
+        for i, (code, a, b) in enumerate(zip(sig, args, buffers, strict=True)):
             if code.startswith("*"):
                 ptr = 0 if b is None else (guarded.pointer(b) if guarded else b.start)
                 value = ctypes.c_void_p(ptr)
@@ -424,7 +428,7 @@ def run_schedules(fn: Callable[[str], Any], schedules: Sequence[str] = ("forward
     results = [(s, fn(s)) for s in schedules]
     first_s, first = results[0]
     for s, r in results[1:]:
-        for i, (a, b) in enumerate(zip(_as_tuple(first), _as_tuple(r))):
+        for i, (a, b) in enumerate(zip(_as_tuple(first), _as_tuple(r), strict=True)):
             if not _bitwise_equal(a, b):
                 raise EmulationError(f"output {i} differs between schedule {first_s!r} and {s!r}: "
                                      "the kernel depends on thread or block order (a race)")
@@ -468,7 +472,8 @@ class EmulationBackend:
         mod = load(KERNELS_DIR / source)
         kernel = mod.kernels.get(name)
         if kernel is not None:
-            for i, (code, a) in enumerate(zip(kernel.signature, args)):
+            # a wrong argument count is Module.launch's to report, with the signature in its message
+            for i, (code, a) in enumerate(zip(kernel.signature, args, strict=False)):
                 if isinstance(a, (bool, int)) and code not in ("i32", "u32", "b8"):
                     raise EmulationError(f"{name}: argument {i} is a Python int, which CuPy passes as int32, "
                                          f"but the kernel takes {code}: pass a numpy scalar of that type")
