@@ -14,6 +14,7 @@ verifying files stay cheap, and the TUI may use them (it never imports torch).
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -111,6 +112,27 @@ def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
 
 # --- saving ------------------------------------------------------------------------------------
 
+class SaveFailed(CheckpointError):
+    """A checkpoint that could not be written: its partial files are gone, earlier checkpoints untouched."""
+
+
+# errno -> what it most likely means when a checkpoint is written
+_WRITE_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "over the disk quota",
+    errno.EFBIG: "over the process's file size limit or the filesystem's largest file",
+}
+
+
+def write_error_reason(e: OSError) -> str:
+    """One line for an OSError met while writing, e.g. 'No space left on device (errno 28: the disk is full)'."""
+    text = e.strerror or str(e) or type(e).__name__
+    if e.errno is None:
+        return text
+    meaning = _WRITE_ERRORS.get(e.errno)
+    return f"{text} (errno {e.errno}{': ' + meaning if meaning else ''})"
+
+
 def _write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -128,7 +150,10 @@ def clean_temporaries(run: RunDir) -> None:
 
 def save(run: RunDir, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
          state: dict[str, Any], keep_last: int = 3, keep_best: bool = True) -> Path:
-    """Write checkpoint `step_<state['step']>` atomically, point `latest` at it, apply retention."""
+    """Write checkpoint `step_<state['step']>` atomically, point `latest` at it, apply retention.
+
+    An OSError (a full disk) leaves no trace of this checkpoint (its temporary folder is removed)
+    and touches nothing saved before: `latest` still names the previous complete one."""
     from safetensors.torch import save as st_save
 
     name = checkpoint_name(int(state["step"]))

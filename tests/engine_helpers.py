@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +56,23 @@ def workbench(*args: str, cwd: Path | None = None, timeout: float = 120, **popen
 def workbench_popen(*args: str, cwd: Path | None = None, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "workbench.cli", *map(str, args)], cwd=cwd, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def file_size_limit(limit: int):
+    """A preexec_fn: the child's writes past `limit` bytes fail with EFBIG, as a full disk fails them
+    (SIGXFSZ, which would kill it instead, is ignored). Only the soft limit is lowered, so a test
+    can lift it again in the running child with resource.prlimit, as if space had been freed."""
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return apply
+
+
+def engine_popen(*args: str, cwd: Path | None = None, **popen) -> subprocess.Popen:
+    """`python -m workbench.engine ...` (the engine's own command line) in a child process."""
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen([sys.executable, "-m", "workbench.engine", *map(str, args)], cwd=cwd, env=cli_env(),
+                            **popen)
 
 
 def cli_env() -> dict:

@@ -335,6 +335,64 @@ def test_oversized_lines_are_refused_and_skipped(server):
     sock.close()
 
 
+DEEP = 100_000  # far past Python's recursion limit, and well under MAX_REQUEST_BYTES
+
+
+def test_deeply_nested_requests_get_an_error_reply_and_the_connection_stays_usable(server, monkeypatch):
+    s, calls = server
+    crashes = []  # an exception escaping a client thread (a RecursionError there closed the connection)
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    sock, replies = connect(s.path)
+
+    def ask(raw: bytes) -> dict:
+        assert len(raw) < MAX_REQUEST_BYTES
+        sock.sendall(raw + b"\n")
+        line = replies.readline()
+        assert line.endswith(b"\n") and line.count(b"\n") == 1, line[:200]
+        return json.loads(line)
+
+    deep = b"[" * DEEP + b"]" * DEEP
+    assert ask(b'{"id": 1, "op": "sample", "prompt": ' + deep + b"}") == {
+        "id": None, "ok": False, "error": "malformed JSON: nested too deeply"}
+    assert ask(b'{"id": 1, "op": "set", "values": ' + b'{"a": ' * DEEP + b"1" + b"}" * DEEP + b"}")["error"] == (
+        "malformed JSON: nested too deeply")
+    # Nested just under what json.loads accepts: parsed, then refused without repr or echo of the nesting.
+    shallow = b"[" * 900 + b"]" * 900
+    assert ask(b'{"id": 2, "op": "sample", "prompt": ' + shallow + b"}") == {
+        "id": 2, "ok": False, "error": "sample: prompt must be a string of at most 20000 characters, got [...]"}
+    assert ask(b'{"id": 3, "op": ' + shallow + b"}")["error"].startswith("unknown op [...] (known: status")
+    assert "got [...]" in ask(b'{"id": 4, "op": "set", "values": {"lr_scale": ' + shallow + b"}}")["error"]
+    # The reply echoes the id, so an id that JSON could not carry back is refused, not echoed.
+    for bad_id in (shallow, b'{"a": 1}', b"NaN", b"Infinity"):
+        reply = ask(b'{"id": ' + bad_id + b', "op": "status"}')
+        assert reply["id"] is None and reply["error"].startswith("the id must be a string, a number or null")
+    assert ask(b'{"id": 5, "op": "status"}') == {"id": 5, "ok": True, "op": "status", "args": {}}
+    assert [op for op, _ in calls] == ["status"] and crashes == []
+    sock.close()
+
+
+def test_a_reply_that_cannot_be_encoded_still_answers(tmp_path):
+    def handler(op, args):
+        if op == "eval":
+            return {"ok": True, "metrics": {"val_loss": float("nan")}}  # JSON has no NaN
+        nested = []
+        for _ in range(DEEP):
+            nested = [nested]
+        return {"ok": True, "deep": nested}
+
+    s = ControlServer(tmp_path / "engine.sock", handler).start()
+    try:
+        sock, replies = connect(s.path)
+        for rid, op in ((1, "eval"), (2, "sample")):
+            sock.sendall(json.dumps({"id": rid, "op": op}).encode() + b"\n")
+            reply = json.loads(replies.readline())
+            assert reply["id"] == rid and reply["ok"] is False
+            assert reply["error"].startswith("internal error: the reply could not be encoded")
+        sock.close()
+    finally:
+        s.close()
+
+
 def test_many_clients_at_once_and_a_stalled_one_blocks_nobody(server):
     s, _ = server
     stalled, _ = connect(s.path)

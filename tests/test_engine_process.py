@@ -273,6 +273,27 @@ def test_malformed_and_hostile_requests_get_errors_while_training_goes_on(engine
     assert client.request(run, "status")["settings"]["lr_scale"] == 1.0  # nothing was changed
 
 
+def test_a_request_nested_100000_deep_gets_an_error_and_training_goes_on(engine):
+    run, _ = engine
+    log_before = (run / "engine.log").read_text()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(str(run / "engine.sock"))
+    replies = sock.makefile("rb")
+    deep = b'{"id": "deep", "op": "sample", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+    sock.sendall(deep)
+    assert json.loads(replies.readline()) == {"id": None, "ok": False, "error": "malformed JSON: nested too deeply"}
+    at = last_step(run)
+    sock.sendall(b'{"id": "next", "op": "status"}\n')  # the same connection answers the next request
+    status = json.loads(replies.readline())
+    assert status["id"] == "next" and status["ok"] and status["state"] == "running"
+    sock.close()
+    wait_for(lambda: last_step(run) > at + 10, what="training to go on after the deep request")
+    new_log = (run / "engine.log").read_text()[len(log_before):]
+    assert "Traceback" not in new_log and "RecursionError" not in new_log
+    assert client.run_state(run) == "running" and not events_of(run, "error")
+
+
 def test_a_second_engine_on_the_same_run_is_refused(engine, tmp_path):
     run, _ = engine
     result = workbench("train", "--resume", run, "--detach")

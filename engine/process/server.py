@@ -11,8 +11,8 @@ The reply is one line that echoes the id: {"id": ..., "ok": true, ...} or
     set     values: {"lr_scale": 0.5, "eval.interval": 100, ...}
 
 Requests are checked here (shape, types, ranges) before they reach the engine, so
-malformed JSON, an unknown op, a wrong type or a line over MAX_REQUEST_BYTES gets
-an error reply and changes nothing. Each client has its own thread; the handler
+malformed JSON (nested too deeply included), an unknown op, a wrong type or a line
+over MAX_REQUEST_BYTES gets an error reply and changes nothing. Each client has its own thread; the handler
 may block (the training thread answers model requests between steps) without
 holding up other clients. This module imports no torch.
 """
@@ -50,6 +50,21 @@ def _is_number(v):
     return isinstance(v, _NUMBER) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
 
 
+def _is_id(v) -> bool:
+    # JSON-RPC's rule: a string, a number or null. The reply echoes it, so it must never be a
+    # container (a deeply nested one would make the reply itself fail to encode).
+    return v is None or isinstance(v, str) or _is_number(v)
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message: short, and never the repr of a container (which could be
+    nested deeper than repr can recurse)."""
+    if isinstance(value, (list, dict)):
+        return "[...]" if isinstance(value, list) else "{...}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 SAMPLE_ARGS: dict[str, tuple[Callable[[Any], bool], str, Any]] = {
     "prompt": (lambda v: isinstance(v, str) and len(v) <= 20_000, "a string of at most 20000 characters", ""),
     "max_tokens": (lambda v: _is_int(v) and 1 <= v <= 4096, "an integer from 1 to 4096", 64),
@@ -74,7 +89,7 @@ def check_setting(key: Any, value: Any) -> int | float:
     if not ok or value > high or value < low or (low_exclusive and value == low):
         bound = f"> {low}" if low_exclusive else f">= {low}"
         raise RequestError(f"{key} must be {'an integer' if kind is int else 'a number'} {bound} "
-                           f"and <= {high}, got {value!r}")
+                           f"and <= {high}, got {_shown(value)}")
     return kind(value)
 
 
@@ -82,25 +97,31 @@ def parse_request(line: bytes) -> tuple[Any, str, dict[str, Any]]:
     """(id, op, checked arguments) from one request line; RequestError if it is not acceptable.
 
     The id is returned even when the rest is wrong, so that the error reply can echo it.
+    Nothing here recurses into the parsed values (json.loads itself stops at Python's
+    recursion limit), so a request nested 100,000 deep is one more malformed request.
     """
     try:
         request = json.loads(line)
+    except RecursionError:
+        raise RequestError("malformed JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"malformed JSON: {e}") from None
     if not isinstance(request, dict):
         raise RequestError("a request must be a JSON object with an op")
     rid = request.get("id")
+    if not _is_id(rid):
+        raise RequestError(f"the id must be a string, a number or null, got {_shown(rid)}")
     try:
         op = request.get("op")
         if not isinstance(op, str) or op not in OPS:
-            raise RequestError(f"unknown op {op!r} (known: {', '.join(OPS)})")
+            raise RequestError(f"unknown op {_shown(op)} (known: {', '.join(OPS)})")
         given = {k: v for k, v in request.items() if k not in ("id", "op")}
         if op == "sample":
             args = {}
             for name, (check, expected, default) in SAMPLE_ARGS.items():
                 value = given.pop(name, default)
                 if not check(value):
-                    raise RequestError(f"sample: {name} must be {expected}, got {value!r}"[:300])
+                    raise RequestError(f"sample: {name} must be {expected}, got {_shown(value)}")
                 args[name] = value
         elif op == "set":
             values = given.pop("values", None)
@@ -190,9 +211,16 @@ class ControlServer:
     @staticmethod
     def _send(conn: socket.socket, reply: dict[str, Any]) -> bool:
         try:
-            conn.sendall(json.dumps(reply, default=str, allow_nan=False).encode() + b"\n")
+            data = json.dumps(reply, default=str, allow_nan=False)
+        except (ValueError, TypeError, RecursionError) as e:
+            # A reply JSON cannot carry (a NaN, a cycle): the client still gets one line, and its id
+            # (a string, a number or null: parse_request saw to that).
+            data = json.dumps({"id": reply.get("id"), "ok": False,
+                               "error": f"internal error: the reply could not be encoded ({type(e).__name__})"})
+        try:
+            conn.sendall(data.encode() + b"\n")
             return True
-        except (OSError, ValueError):
+        except OSError:
             return False
 
     def _answer(self, line: bytes) -> dict[str, Any]:
