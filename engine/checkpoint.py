@@ -193,6 +193,32 @@ def list_checkpoints(run: RunDir) -> list[Path]:
     return sorted(found, key=lambda p: int(NAME_RE.match(p.name).group(1)))
 
 
+def summaries(run: RunDir) -> list[dict[str, Any]]:
+    """One row per complete checkpoint, oldest step first (file reads only, no torch): name, path,
+    step, tokens, val_loss, val_bpb, train_loss, size (bytes on disk), saved_at (unix time),
+    latest (what `checkpoints/latest` names) and best (lowest val loss)."""
+    latest = run.latest_checkpoint()
+    rows = []
+    for path in list_checkpoints(run):
+        try:
+            state = read_state(path)
+        except CheckpointError:
+            state = {}
+        metrics = state.get("metrics") or {}
+        rows.append({
+            "name": path.name, "path": str(path), "step": int(state.get("step", NAME_RE.match(path.name).group(1))),
+            "tokens": state.get("tokens"), "val_loss": metrics.get("val_loss"), "val_bpb": metrics.get("val_bpb"),
+            "train_loss": metrics.get("train_loss"),
+            "size": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+            "saved_at": state.get("saved_at") or path.stat().st_mtime,
+            "latest": latest is not None and latest.name == path.name, "best": False,
+        })
+    scored = [r for r in rows if isinstance(r["val_loss"], (int, float))]
+    if scored:
+        min(scored, key=lambda r: r["val_loss"])["best"] = True
+    return rows
+
+
 def apply_retention(run: RunDir, keep_last: int, keep_best: bool) -> list[Path]:
     """Delete all but the newest `keep_last` checkpoints, the best by val loss and `latest`; return the deleted."""
     all_ckpts = list_checkpoints(run)
