@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,9 @@ from workbench.engine.process import client
 from workbench.engine import config as config_mod
 from workbench.engine.errors import WorkbenchError
 from workbench.engine.events import read_events
-from workbench.engine.process.host import EngineLock, spawn_detached
+from workbench.engine.process.lock import EngineLock
+from workbench.engine.process.spawn import spawn_detached
+from workbench.engine.run_setup import create_run
 from workbench.engine.rundir import RunDir
 from workbench.engine.train import train
 from engine_helpers import cli_env, events_of, tiny_config, tiny_raw, wait_for, workbench, write_toml
@@ -302,7 +305,7 @@ def test_a_second_engine_on_the_same_run_is_refused(engine, tmp_path):
     # The engine's own guard, for two starts racing past that check: the lock itself.
     with pytest.raises(WorkbenchError, match="already running"):
         EngineLock(RunDir.at(run)).acquire()
-    direct = subprocess.run([sys.executable, "-m", "workbench.engine.process.host", str(run), "--resume"], env=cli_env(),
+    direct = subprocess.run([sys.executable, "-m", "workbench.engine.process", str(run), "--resume"], env=cli_env(),
                             capture_output=True, text=True, timeout=120)
     assert direct.returncode == 2 and "error: an engine is already running" in direct.stderr
     assert client.run_state(run) == "running"
@@ -328,8 +331,8 @@ def test_stop_saves_a_checkpoint_and_ends_the_engine(engine):
 
 def test_sigterm_saves_and_stops(tiny_data, tmp_path):
     run = tmp_path / "run"
-    pid = spawn_detached(run, tiny_config(tiny_data, train={"max_steps": 10_000_000}, eval={"interval": 0},
-                                          checkpoint={"interval": 0}), stats_interval=0.2)
+    pid = spawn_detached(create_run(run, tiny_config(tiny_data, train={"max_steps": 10_000_000}, eval={"interval": 0},
+                                          checkpoint={"interval": 0})), stats_interval=0.2)
     try:
         wait_for(lambda: last_step(run) >= 5 and events_of(run, "system"), what="steps and system stats")
         os.kill(pid, signal.SIGTERM)
@@ -352,11 +355,11 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 def test_kill_9_is_reported_crashed_and_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
     raw = tiny_raw(train={"max_steps": 200, "threads": 1}, eval={"interval": 30}, checkpoint={"interval": 10})
     straight = tmp_path / "straight"
-    assert train(straight, tiny_config(tiny_data, **raw), echo=None) == "finished"
+    assert train(create_run(straight, tiny_config(tiny_data, **raw)), echo=None) == "finished"
     want = {e["step"]: e["loss"] for e in events_of(straight, "step")}
 
     run = tmp_path / "runs" / "killed"
-    pid = spawn_detached(run, tiny_config(tiny_data, **raw))  # the library call behind `train --detach`
+    pid = spawn_detached(create_run(run, tiny_config(tiny_data, **raw)))  # the library call behind `train --detach`
     try:
         client.request(run, "pause")  # hold it mid-run, after its first checkpoints
         while RunDir.at(run).latest_checkpoint() is None:
@@ -391,11 +394,12 @@ def test_kill_9_is_reported_crashed_and_resume_matches_an_uninterrupted_run(tiny
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_an_engine_that_cannot_start_says_why_in_one_line(tmp_path):
-    run = tmp_path / "run"
-    cfg = tiny_config(tmp_path / "no-such-dataset")
+def test_an_engine_that_cannot_start_says_why_in_one_line(tiny_data, tmp_path):
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    run = create_run(tmp_path / "run", tiny_config(data))
+    shutil.rmtree(data)  # the run's data moved away after the run was made
     with pytest.raises(WorkbenchError, match="no prepared dataset") as e:
-        spawn_detached(run, cfg)
+        spawn_detached(run)
     assert "\n" not in str(e.value)
     assert client.run_state(run) == "crashed"
     assert events_of(run, "error") and events_of(run, "state")[-1]["state"] == "crashed"

@@ -14,6 +14,7 @@ import importlib
 import sys
 
 from workbench.engine.errors import WorkbenchError
+from workbench.engine.process.ops import OPS
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
@@ -24,13 +25,8 @@ COMMANDS = {
     "quickstart": ("workbench.engine.cli.quickstart", "prepare the built-in corpus and train a tiny model"),
     "ls": ("workbench.engine.cli.runs", "list runs with state, step, losses, tokens/s, device and age"),
     "attach": ("workbench.engine.cli.attach", "live plain-text view of a run: its history, then live events"),
-    "status": ("workbench.engine.cli.control", "a run's state, step and live settings"),
-    "pause": ("workbench.engine.cli.control", "pause a running engine between steps"),
-    "resume": ("workbench.engine.cli.control", "resume a paused engine"),
-    "save": ("workbench.engine.cli.control", "write a checkpoint now"),
-    "stop": ("workbench.engine.cli.control", "save a checkpoint and stop the engine"),
-    "set": ("workbench.engine.cli.control", "change live settings: lr_scale, eval.interval, eval.sample_interval, "
-                                  "checkpoint.interval"),
+    # status, pause, resume, save, stop, set: one request each, from the engine's table of ops
+    **{op: ("workbench.engine.cli.control", spec.help) for op, spec in OPS.items() if spec.command},
 }
 
 

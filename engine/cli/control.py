@@ -11,9 +11,7 @@ from workbench.engine.config import _parse_value
 from workbench.engine.errors import WorkbenchError
 from workbench.engine.formatting import terminal_safe
 from workbench.engine.rundir import RunDir
-from workbench.engine.process.server import SETTABLE
-
-TIMEOUTS = {"stop": 900.0, "save": 600.0}  # stop waits for the final checkpoint
+from workbench.engine.process.ops import OPS, SETTABLE
 
 
 def _command(parser) -> str:
@@ -23,8 +21,8 @@ def _command(parser) -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("run", help="the run folder, e.g. runs/tiny")
     if _command(parser) == "set":
-        parser.add_argument("assignments", nargs="+", metavar="key=value",
-                            help=f"settable live: {', '.join(SETTABLE)}")
+        parser.add_argument("assignments", nargs="+", metavar="key=value", help="settable live: " + "; ".join(
+            f"{key} ({s.help})" for key, s in SETTABLE.items()))
     else:
         parser.add_argument("--json", action="store_true", help="print the engine's reply as JSON")
 
@@ -59,7 +57,7 @@ def run(args) -> int:
     if command == "status" and not client.engine_alive(run_dir):
         return _offline_status(run_dir)
     extra = {"values": parse_assignments(args.assignments)} if command == "set" else {}
-    reply = client.request(run_dir, command, timeout=TIMEOUTS.get(command, 60.0), **extra)
+    reply = client.request(run_dir, command, timeout=OPS[command].timeout_s, **extra)
     if getattr(args, "json", False):
         print(json.dumps(reply))
         return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from workbench.engine.errors import ConfigError
 from workbench.engine.process import client
+from workbench.engine.process.ops import OPS
 
 
 def add_arguments(parser) -> None:
@@ -65,7 +66,7 @@ def live_eval(args) -> int | None:
             or not client.engine_alive(args.run)):
         return None
     try:
-        reply = client.request(args.run, "eval", timeout=900.0)
+        reply = client.request(args.run, "eval", timeout=OPS["eval"].timeout_s)
     except client.EngineNotRunning:
         return None
     metrics = reply.get("metrics") or {}

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from workbench.engine.control import Control
 from workbench.engine.errors import WorkbenchError
-from workbench.engine.process.server import SETTABLE, RequestError
+from workbench.engine.process.ops import OPS, SETTABLE, RequestError
 from workbench.engine.rundir import atomic_write_text
 
 
@@ -55,7 +55,7 @@ class SocketControl(Control):
 
     # client threads -----------------------------------------------------------------
     def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        if op == "status":
+        if not OPS[op].queued:  # status
             return self.status()
         job = _Job(op, args)
         with self._lock:
