@@ -15,18 +15,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import sentencepiece as spm
 
+from workbench.engine.chat import render_text
 from workbench.engine.errors import DataError
 
 # Fixed ids: <unk> = 0, then these in order (1..6), then "\n" = 7, then the 256 byte tokens.
 SPECIAL_TOKENS = ["<|bos|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|pad|>"]
 NEWLINE = "\n"
-CHAT_ROLES = ("user", "assistant", "system")
 MIN_VOCAB = 1 + len(SPECIAL_TOKENS) + 1 + 256 + 16  # room for a few learned pieces
 MAX_TRAIN_LINE_CHARS = 2000  # SentencePiece skips sentences over max_sentence_length (4192 bytes)
 
@@ -41,13 +41,14 @@ class Tokenizer:
         self.vocab_size = self._sp.vocab_size()
         self.special_ids = {tok: self._sp.piece_to_id(tok) for tok in SPECIAL_TOKENS}
         if any(self._sp.id_to_piece(i) != tok for tok, i in self.special_ids.items()):
-            raise DataError("tokenizer.model lacks the workbench special tokens (not made by workbench prepare?)")
+            raise DataError(f"tokenizer.model lacks the workbench special and chat tokens ({' '.join(SPECIAL_TOKENS)});"
+                            " it was not made by workbench prepare")
         self.bos_id = self.special_ids["<|bos|>"]
         self.end_id = self.special_ids["<|end|>"]
         self._skip_on_decode = {self.bos_id, self.special_ids["<|pad|>"]}
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         """Load from a prepared dataset folder or a `.model` file."""
         path = Path(path)
         model_path = path / "tokenizer.model" if path.is_dir() else path
@@ -59,6 +60,8 @@ class Tokenizer:
             return cls(data)
         except RuntimeError:
             raise DataError(f"tokenizer model is corrupt: {model_path}") from None
+        except DataError as e:
+            raise DataError(f"{model_path}: {e}") from None
 
     @property
     def model_type(self) -> str:
@@ -152,15 +155,9 @@ def _trainer_model_type(model: bytes) -> int:
 
 
 def chat_format(messages: list[dict]) -> str:
-    """`[{"role", "content"}...]` -> "<|user|>hi<|end|><|assistant|>hello<|end|>" (ValueError if malformed)."""
-    parts = []
-    for m in messages:
-        role = m.get("role") if isinstance(m, dict) else None
-        content = m.get("content") if isinstance(m, dict) else None
-        if role not in CHAT_ROLES or not isinstance(content, str):
-            raise ValueError(f"a chat message needs a role in {CHAT_ROLES} and a string content: {m!r}")
-        parts.append(f"<|{role}|>{content}<|end|>")
-    return "".join(parts)
+    """`[{"role", "content"}...]` -> "<|user|>hi<|end|><|assistant|>hello<|end|>" (ValueError if malformed);
+    the chat template's text form, workbench.engine.chat.render_text."""
+    return render_text(messages)
 
 
 def _training_lines(texts: Iterable[str]) -> Iterable[str]:
