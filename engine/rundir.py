@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +97,7 @@ class RunDir:
             name = ""
         if name and (self.checkpoints / name).is_dir():
             return self.checkpoints / name
-        if not self.checkpoints.is_dir():
-            return None
-        complete = [p for p in self.checkpoints.iterdir()
-                    if re.fullmatch(r"step_\d{6,}", p.name) and (p / "state.json").is_file()]
-        return max(complete, key=lambda p: int(p.name[5:]), default=None)
+        from workbench.engine.checkpoint import list_checkpoints  # torch-free; imported here: it imports us
+
+        complete = list_checkpoints(self)
+        return complete[-1] if complete else None
