@@ -62,7 +62,33 @@ def render_text(report: dict) -> str:
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.get("stage_seconds", {}).items())
     lines.append(f"time: {report['seconds']:.1f} s ({report['mb_per_s']:.2f} MB/s of input; {stages})")
     lines.append("(~ tokens of dropped documents are estimated from bytes per token)")
+    lines += chat_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def chat_lines(report: dict) -> list[str]:
+    """The chat section of report.txt (report["chat"], written for chat data only); [] for plain text."""
+    chat = report.get("chat")
+    if not chat:
+        return []
+    per = chat["per_split"]
+    lines = ["", f"chat: template {chat['template']}, rows of {chat['row_tokens']} tokens "
+                 f"(seq_len {chat['seq_len']}, from {chat['seq_len_from']}), best-fit packed"]
+    lines.append(f"  {'':<32} {'train':>12} {'val':>12}")
+    rows = [("conversations", "conversations"), ("multi-turn conversations", "multi_turn"),
+            ("system turns", "system_turns"), ("user turns", "user_turns"), ("assistant turns", "assistant_turns"),
+            ("rows", "rows"), ("tokens trained (assistant)", "trained_tokens"),
+            ("tokens not trained", "untrained_tokens"), ("tokens of padding", "padding_tokens"),
+            ("truncated to a row", "truncated"), ("tokens cut by truncation", "truncated_tokens")]
+    for label, key in rows:
+        values = [chat[key][s] if key == "conversations" else per[s].get(key, 0) for s in ("train", "val")]
+        lines.append(f"  {label:<32} {values[0]:>12,} {values[1]:>12,}")
+    if chat["dropped"]:
+        lines.append("  skipped:")
+        for reason, n in chat["dropped"].items():
+            lines.append(f"    {reason:<22} {n:>10,}  {chat['reasons'][reason]}")
+    return lines
+
 
 
 def write_report(out_dir: Path, report: dict) -> None:

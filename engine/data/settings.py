@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from workbench.engine.config import ModelConfig
 from workbench.engine.errors import DataError
+
+DEFAULT_CHAT_SEQ_LEN = ModelConfig().seq_len  # the default model's context (the tiny preset's too)
+MIN_CHAT_SEQ_LEN = 16  # room for a short question and answer
 
 
 @dataclass
@@ -28,9 +32,13 @@ class PrepareSettings:
     threads: int = 0  # SentencePiece threads; 0 = all cores
     workers: int = 0  # processes for cleaning/filtering; 0 = all cores when the input is over 8 MB, else 1
     force: bool = False  # replace a non-empty `out`
+    # Chat data (chat sources are told apart in sources.py; the pipeline is in prepare.py):
+    builtin_chat: bool = False  # add the built-in conversations (builtin_chat.py)
+    flatten_chat: bool = False  # read chat records as plain text, every token trained (as before chat data)
+    seq_len: int = 0  # chat rows hold seq_len + 1 tokens; 0 = the --tokenizer-from run's model.seq_len, else 128
 
     @classmethod
-    def from_any(cls, value) -> "PrepareSettings":
+    def from_any(cls, value) -> PrepareSettings:
         if value is None:
             return cls()
         if isinstance(value, cls):
@@ -55,3 +63,7 @@ class PrepareSettings:
             raise DataError("threads and workers must be 0 (automatic) or more")
         if self.tokenizer_sample_mb <= 0:
             raise DataError("tokenizer_sample_mb must be positive")
+        if self.seq_len < 0 or 0 < self.seq_len < MIN_CHAT_SEQ_LEN:
+            raise DataError(f"--seq-len must be at least {MIN_CHAT_SEQ_LEN} (or 0: automatic), got {self.seq_len}")
+        if self.builtin_chat and self.flatten_chat:
+            raise DataError("--builtin-chat makes chat data: it cannot be combined with --flatten-chat")

@@ -1,7 +1,8 @@
 """Token shards: a 64-byte header then a flat array of token ids, read back as a numpy memmap.
 
 Header (little-endian): magic b"WBTOKENS" (8 bytes), version u32, itemsize u32
-(2 = uint16, 4 = uint32), count u64 (number of tokens), zero padding to 64 bytes.
+(2 = uint16, 4 = uint32; 1 = uint8, for a chat dataset's loss mask beside its tokens),
+count u64 (number of items), zero padding to 64 bytes.
 The writer streams tokens out and writes the final count into the header on close,
 so a shard whose header count disagrees with its size is detected as truncated.
 """
@@ -26,12 +27,17 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
-class ShardWriter:
-    """Append token arrays to a shard file; `close()` fixes the count and fsyncs."""
+_DTYPES = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
 
-    def __init__(self, path: str | Path, vocab_size: int):
+
+class ShardWriter:
+    """Append token arrays to a shard file; `close()` fixes the count and fsyncs.
+
+    `dtype` overrides the one the vocabulary implies (np.uint8 for a loss mask)."""
+
+    def __init__(self, path: str | Path, vocab_size: int, dtype=None):
         self.path = Path(path)
-        self.dtype = dtype_for_vocab(vocab_size)
+        self.dtype = np.dtype(dtype) if dtype is not None else dtype_for_vocab(vocab_size)
         self.count = 0
         self._file = open(self.path, "wb")
         self._file.write(self._header())
@@ -75,9 +81,9 @@ def read_header(path: str | Path) -> tuple[np.dtype, int]:
     _, version, itemsize, count = _HEADER.unpack(head[: _HEADER.size])
     if version != VERSION:
         raise DataError(f"token shard {path} has version {version}, this workbench reads {VERSION}")
-    if itemsize not in (2, 4):
+    if itemsize not in _DTYPES:
         raise DataError(f"token shard {path} has an invalid item size {itemsize}")
-    dtype = np.dtype(np.uint16 if itemsize == 2 else np.uint32)
+    dtype = _DTYPES[itemsize]
     expected = HEADER_BYTES + count * itemsize
     actual = path.stat().st_size
     if actual != expected:

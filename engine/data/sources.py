@@ -8,32 +8,48 @@ How files become documents:
   past 1x (before 4x), and failing that mid-line at 4x, so no document grows without
   bound and memory stays bounded whatever the file holds (a 1 MB read block plus 4x
   `doc_chars`). The same cuts apply to a long JSONL text.
-- A .jsonl file gives one document per line: `{"text": "..."}`, or a chat
-  `{"messages": [{"role": "user"|"assistant"|"system", "content": "..."}...]}` written with
-  the chat special tokens (workbench.engine.data.tokenizer.chat_format). Other lines are counted as malformed.
+- A .jsonl file gives one document per line: `{"text": "..."}`, or a chat record (below)
+  flattened into text with the chat special tokens (workbench.engine.chat.render_text), every
+  token of it trained. Other lines are counted as malformed.
 - Folders are walked recursively in sorted order (hidden entries skipped); only
   .txt, .md, .markdown, .text and .jsonl files are read, others are counted as ignored.
 - A file with a NUL byte in its first 8 KiB is binary, a file that is not valid UTF-8 is
   skipped whole: both are counted, never fatal.
 
 A document is `(source, text)`, where source is "path:line" of its first line.
+
+Chat sources. A chat record is `{"messages": [{"role", "content"}...]}` (the OpenAI/TRL
+conversational shape) or `{"prompt": ..., "completion": ...}` (TRL prompt-completion: two
+strings become a user and an assistant message; lists of messages are joined). A .jsonl file
+is a chat file when its first JSON record has `messages` or `prompt`; `source_kind` decides
+for a whole prepare: chat when every file is a chat file, plain text when none is (as before:
+conversations inside a text-first JSONL are flattened), and an error naming one of each when
+they mix. `read_chat_records` reads chat files record by record; a record that is not JSON or
+not a conversation is yielded with its reason (CHAT_RECORD_REASONS), never fatal here.
 """
 
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 import os
 from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
+from workbench.engine.chat import ChatError, render_text
 from workbench.engine.errors import DataError
-from workbench.engine.data.tokenizer import chat_format
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 JSONL_SUFFIXES = {".jsonl"}
 DEFAULT_DOC_CHARS = 8000
+SNIFF_LINES = 100  # a JSONL file's kind is that of its first JSON record within this many lines
+CHAT_RECORD_REASONS = {
+    "not_json": "a line that is not a JSON object",
+    "not_a_conversation": "a record without messages, or prompt and completion",
+}
 
 
 def check_sources(paths: Iterable[str | Path]) -> list[Path]:
@@ -116,11 +132,11 @@ def _jsonl_documents(path: Path, doc_chars: int, stats: Counter) -> Iterator[tup
                 obj = json.loads(line)
                 if isinstance(obj, dict) and isinstance(obj.get("text"), str):
                     text = obj["text"]
-                elif isinstance(obj, dict) and isinstance(obj.get("messages"), list) and obj["messages"]:
-                    text = chat_format(obj["messages"])
+                elif (messages := record_messages(obj)) is not None:
+                    text = render_text(messages)
                 else:
                     raise ValueError("no text or messages")
-            except ValueError:  # json.JSONDecodeError is a ValueError
+            except ValueError:  # json.JSONDecodeError and ChatError are ValueErrors
                 stats["jsonl_malformed_lines"] += 1
                 continue
             stats["jsonl_records"] += 1
@@ -159,3 +175,95 @@ def read_documents(paths: Iterable[Path], stats: Counter,
                 yield from _jsonl_documents(path, doc_chars, stats)
             else:
                 yield from _text_documents(path, doc_chars)
+
+
+def record_messages(obj) -> list | None:
+    """The messages of a chat record (unchecked: see workbench.engine.chat.check_messages), or None
+    when `obj` is no chat record at all; ChatError("not_a_list") when its messages are not a list."""
+    if isinstance(obj, dict) and "messages" in obj:
+        messages = obj["messages"]
+    elif isinstance(obj, dict) and "prompt" in obj and "completion" in obj:
+        prompt, completion = obj["prompt"], obj["completion"]
+        prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        completion = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        messages = prompt + completion
+    else:
+        return None
+    if not isinstance(messages, list) or not messages:
+        raise ChatError("not_a_list")
+    return messages
+
+
+def _jsonl_kind(path: Path) -> str | None:
+    """"chat" or "text" by the first JSON record of a .jsonl file; None when there is none to go by."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in itertools.islice(f, SNIFF_LINES):
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict) and ("messages" in obj or "prompt" in obj):
+                    return "chat"
+                if isinstance(obj, dict) and "text" in obj:
+                    return "text"
+    except OSError:
+        return None
+    return None
+
+
+def source_kind(paths: Iterable[Path]) -> str:
+    """"chat" or "text" for the files under `paths` (rules in the module doc); DataError when they mix."""
+    found: dict[str, Path] = {}
+    for top in paths:
+        for path in _walk(Path(top), Counter()):
+            kind = _jsonl_kind(path) if path.suffix.lower() in JSONL_SUFFIXES else "text"
+            if kind is not None:
+                found.setdefault(kind, path)
+    if len(found) == 2:
+        raise DataError(f"the sources mix chat ({found['chat']}) and plain text ({found['text']}): prepare them "
+                        "separately, or pass --flatten-chat to train every token of the conversations as text")
+    return "chat" if "chat" in found else "text"
+
+
+@dataclass
+class ChatRecord:
+    """One line of a chat source: its messages (unchecked), or None and why not."""
+
+    source: str  # "path:line", or "builtin-chat:..." for the built-in conversations
+    messages: list | None
+    reason: str | None = None  # a CHAT_RECORD_REASONS key when messages is None
+    nbytes: int = 0  # the line's UTF-8 bytes
+    group: str | None = None  # conversations of one group land in the same split (None: by conversation)
+
+    @property
+    def file(self) -> str:
+        return self.source.rsplit(":", 1)[0]
+
+
+def read_chat_records(paths: Iterable[Path], stats: Counter) -> Iterator[ChatRecord]:
+    """Every record of the chat files under `paths`; fills `stats` as read_documents does."""
+    for top in paths:
+        for path in _walk(Path(top), stats):
+            if not _file_kind(path, stats):
+                continue
+            stats["files_read"] += 1
+            stats["bytes_read"] += path.stat().st_size
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    source, nbytes = f"{path}:{lineno}", len(line.encode("utf-8"))
+                    stats["jsonl_records"] += 1
+                    try:
+                        obj = json.loads(line)
+                    except ValueError:
+                        yield ChatRecord(source, None, "not_json", nbytes)
+                        continue
+                    try:
+                        messages = record_messages(obj)
+                    except ChatError as e:
+                        yield ChatRecord(source, None, e.reason, nbytes)
+                        continue
+                    reason = "not_a_conversation" if messages is None else None
+                    yield ChatRecord(source, messages, reason, nbytes)
