@@ -90,7 +90,6 @@ def chat_lines(report: dict) -> list[str]:
     return lines
 
 
-
 def write_report(out_dir: Path, report: dict) -> None:
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "report.txt").write_text(render_text(report))
