@@ -220,6 +220,8 @@ def source_kind(paths: Iterable[Path]) -> str:
             kind = _jsonl_kind(path) if path.suffix.lower() in JSONL_SUFFIXES else "text"
             if kind is not None:
                 found.setdefault(kind, path)
+            if len(found) == 2:
+                break
     if len(found) == 2:
         raise DataError(f"the sources mix chat ({found['chat']}) and plain text ({found['text']}): prepare them "
                         "separately, or pass --flatten-chat to train every token of the conversations as text")
