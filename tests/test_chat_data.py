@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -309,3 +310,33 @@ def test_builtin_chat_prepares_with_val_held_out_by_module(tiny_data, tmp_path):
         answers[split] = {ds.tokenizer.decode(ids[mask == 1]) for ids, mask in ds.conversations(split)}
     assert not answers["train"] & answers["val"]  # no val answer was trained on, under any phrasing
     assert os.path.getsize(tmp_path / "chat" / "train_mask.bin") - 64 == len(ds.train)
+
+
+@pytest.fixture
+def chat_copy(chat_data, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(chat_data[0], dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "val_mask.bin").unlink(), "incomplete: missing val_mask.bin"),
+    (lambda d: (d / "train_mask.bin").write_bytes((d / "train_mask.bin").read_bytes()[:-1]), "truncated or corrupt"),
+    (lambda d: (d / "chat.json").write_text(json.dumps({**json.loads((d / "chat.json").read_text()),
+                                                        "template": "other-v9"})), "chat template 'other-v9'"),
+    (lambda d: (d / "chat.json").write_text(json.dumps({**json.loads((d / "chat.json").read_text()),
+                                                        "rows": {"train": 1, "val": 1}})), "is not 1 rows of"),
+])
+def test_a_damaged_chat_dataset_is_refused_in_one_line(chat_copy, damage, message):
+    damage(chat_copy)
+    with pytest.raises(DataError, match=message):
+        Dataset.open(chat_copy)
+
+
+def test_chat_settings_are_checked(tiny_data, tmp_path):
+    with pytest.raises(DataError, match="--seq-len must be at least 16"):
+        prepare(None, tmp_path / "out", {"builtin_chat": True, "seq_len": 8})
+    with pytest.raises(DataError, match="cannot be combined with --flatten-chat"):
+        prepare(None, tmp_path / "out", {"builtin_chat": True, "flatten_chat": True})
+    with pytest.raises(DataError, match="plain-text data: it has no rows"):
+        Dataset.open(tiny_data).rows("train")
