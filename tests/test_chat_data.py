@@ -343,5 +343,8 @@ def test_chat_settings_are_checked(tiny_data, tmp_path):
         prepare(None, tmp_path / "out", {"builtin_chat": True, "seq_len": 8})
     with pytest.raises(DataError, match="cannot be combined with --flatten-chat"):
         prepare(None, tmp_path / "out", {"builtin_chat": True, "flatten_chat": True})
+    (tmp_path / "notes.txt").write_text("plain text")
+    with pytest.raises(DataError, match="--builtin-chat makes chat data but the sources are plain text"):
+        prepare([tmp_path / "notes.txt"], tmp_path / "out", {"builtin_chat": True})
     with pytest.raises(DataError, match="plain-text data: it has no rows"):
         Dataset.open(tiny_data).rows("train")

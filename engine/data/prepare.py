@@ -207,8 +207,10 @@ def prepare(sources: Iterable[str | Path] | None, out: str | Path, settings=None
     s.validate()
     paths = check_sources(sources or [])
     val_paths = check_sources(s.val_sources)
-    chat = s.builtin_chat or (not s.flatten_chat and bool(paths or val_paths)
-                              and source_kind(paths + val_paths) == "chat")
+    kind = source_kind(paths + val_paths) if (paths or val_paths) and not s.flatten_chat else "text"
+    if s.builtin_chat and (paths or val_paths) and kind != "chat":
+        raise DataError("--builtin-chat makes chat data but the sources are plain text: prepare them separately")
+    chat = s.builtin_chat or kind == "chat"
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} exists and is not a folder")
