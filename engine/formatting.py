@@ -1,6 +1,27 @@
-"""One readable line per event: the foreground `workbench train` output and `workbench attach`.
+"""How numbers, sizes and durations read, everywhere: the engine's lines, `workbench ls`, the TUI.
 
-Torch-free, so the attach view and the TUI can use it without loading the engine.
+One convention, decided here and used by every caller:
+
+  counts     parameters, tokens, FLOPs, tokens/s, FLOP/s: SI decimal prefixes k M G T P
+             (1e3 ... 1e15) and 3 significant digits: 950, 12.3k, 4.56M, 1.2G, 3T. A
+             billion is G, never B (B is a byte).
+  bytes      binary units KiB MiB GiB TiB PiB (2**10 ... 2**50), as memory is counted and
+             sold (an "80GB" H100 has 80 GiB), for RAM, GPU memory, checkpoints and datasets
+             alike, 3 significant digits: 512B, 830MiB, 1.5GiB. A used/total pair shares the
+             total's unit, one decimal each: 35.0/80.0GiB.
+  precision  3 significant digits for anything else that is not an integer (learning rate
+             3.00e-04, gradient norm 0.851), except losses, 4 decimals (3.2104), so that runs
+             compare digit by digit.
+  percent    0-100 with a % sign, 0 decimals (CPU 42%); MFU, a fraction in the events, is a
+             percent with one decimal: 12.3%.
+  durations  s m h d, at most two units: 45s, 3m20s, 1h02m, 2d03h (an ETA, a time taken); one
+             unit where a rough figure is the point (an estimate, the age of a run): 6m, 2h, 3d.
+  missing    n/a: unknown, or does not apply. Tables of many runs pass na="-".
+No space between a number and its prefix or unit: 1.5GiB, 12.3k tok/s, 128GFLOP/s.
+A value that is None, not a number or not finite is missing.
+
+Also here: one readable line per event (format_event), for the foreground `workbench
+train` and `workbench attach`. Torch-free: the CLI views and the TUI use this module.
 """
 
 from __future__ import annotations
@@ -9,30 +30,108 @@ import math
 import time
 from typing import Any
 
-from workbench.engine.estimates import human
+from workbench.engine.events import AnyEvent
+
+NA = "n/a"
+SI_PREFIXES = ("", "k", "M", "G", "T", "P")
+BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
-def _fmt(value: Any, spec: str) -> str:
-    try:
-        return format(value, spec)
-    except (TypeError, ValueError):
-        return "?" if value is None else str(value)
+def is_number(x: Any) -> bool:
+    """A finite int or float (not a bool): a value that can be shown."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def duration(seconds: Any) -> str:
-    """0:42, 12:05, 1:02:03; '?' when unknown."""
-    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
-        return "?"
-    h, m = divmod(int(round(seconds)), 3600)
-    return f"{h}:{m // 60:02d}:{m % 60:02d}" if h else f"{m // 60}:{m % 60:02d}"
+def _sig3(v: float) -> str:
+    """3 significant digits without an exponent or trailing zeros (for |v| below 1000)."""
+    a = abs(v)
+    text = f"{v:.0f}" if a >= 99.95 else f"{v:.1f}" if a >= 9.995 else f"{v:.2f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
-def _gb(n: Any) -> str:
-    return "?" if n is None else f"{n / 2**30:.1f}"
+def _prefixed(x: float, base: int, units: tuple[str, ...]) -> str:
+    v, i = float(x), 0
+    while abs(v) >= 999.5 and i < len(units) - 1:  # what would round to 1000 at 3 digits goes up a unit
+        v /= base
+        i += 1
+    return _sig3(v) + units[i]
 
 
-def format_mfu(mfu: Any) -> str:
-    return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+def count(x: Any, unit: str = "", na: str = NA) -> str:
+    """A count with an SI prefix: 950, 12.3k, 4.56M, 1.2G; `unit` follows: count(1.2e14, "FLOP/s") = 120TFLOP/s."""
+    if not is_number(x):
+        return na
+    if abs(x) < 1 and x != 0:
+        return f"{x:.3g}{unit}"
+    return _prefixed(x, 1000, SI_PREFIXES) + unit
+
+
+def nbytes(x: Any, na: str = NA) -> str:
+    """A size in binary units: 512B, 12.3KiB, 830MiB, 1.5GiB."""
+    if not is_number(x):
+        return na
+    return _prefixed(x, 1024, BINARY_UNITS)
+
+
+def nbytes_pair(used: Any, total: Any, na: str = NA) -> str:
+    """used/total in the total's unit, one decimal each: 35.0/80.0GiB."""
+    if not is_number(total):
+        return f"{nbytes(used, na)}/{na}"
+    i = 0
+    while abs(total) / 1024 ** i >= 999.5 and i < len(BINARY_UNITS) - 1:
+        i += 1
+    size = 1024 ** i
+    u = f"{used / size:.1f}" if is_number(used) else na
+    return f"{u}/{total / size:.1f}{BINARY_UNITS[i]}"
+
+
+def sig(x: Any, digits: int = 3, na: str = NA) -> str:
+    """A value with `digits` significant digits: 0.851, 3.21, 1.2e-05; from 10**digits on, a count: 12.3k."""
+    if not is_number(x):
+        return na
+    return f"{x:.{digits}g}" if abs(x) < 10 ** digits else count(x)
+
+
+def sci(x: Any, na: str = NA) -> str:
+    """Learning-rate style, 3 significant digits: 3.00e-04."""
+    return f"{x:.2e}" if is_number(x) else na
+
+
+def fixed(x: Any, decimals: int, na: str = NA) -> str:
+    """A fixed number of decimals: fixed(3.21041, 2) = 3.21."""
+    return f"{x:.{decimals}f}" if is_number(x) else na
+
+
+def loss(x: Any, na: str = NA) -> str:
+    """A loss (or bits per byte): 4 decimals, 3.2104."""
+    return fixed(x, 4, na)
+
+
+def percent(x: Any, decimals: int = 0, na: str = NA) -> str:
+    """A percent 0-100: 42%."""
+    return f"{x:.{decimals}f}%" if is_number(x) else na
+
+
+def format_mfu(mfu: Any, na: str = NA) -> str:
+    """MFU, a fraction of the device's peak, as a percent: 12.3%; n/a when the peak is unknown."""
+    return percent(mfu * 100, 1, na) if is_number(mfu) else na
+
+
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
+def duration(seconds: Any, parts: int = 2, na: str = NA) -> str:
+    """45s, 3m20s, 1h02m, 2d03h; with parts=1, the largest unit only, rounded: 45s, 3m, 1h, 2d."""
+    if not is_number(seconds) or seconds < 0:
+        return na
+    s = int(round(seconds))
+    for i, (unit, size) in enumerate(_UNITS):
+        if s >= size or unit == "s":
+            if parts == 1 or unit == "s":
+                return f"{round(seconds / size):.0f}{unit}"
+            smaller, small_size = _UNITS[i + 1]
+            return f"{s // size}{unit}{(s % size) // small_size:02d}{smaller}"
+    raise AssertionError("unreachable")
 
 
 def terminal_safe(text: str) -> str:
@@ -41,42 +140,42 @@ def terminal_safe(text: str) -> str:
     return "".join(c if c in "\n\t" or c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def format_event(event: dict[str, Any], clock: bool = False) -> str | None:
-    """One line (an error adds its traceback) for an event; None for events not worth a line.
-    `clock` prefixes the event's local time (attach shows history, where the time matters)."""
+# ---- one line per event ----------------------------------------------------------------------------
+
+def format_event(event: AnyEvent, clock: bool = False) -> str | None:
+    """One line (an error adds its traceback) for an event of the current schema; None for events
+    not worth a line. `clock` prefixes the event's local time (attach shows history, where the time matters)."""
     line = _body(event)
     if line is None or not clock:
         return line
-    return time.strftime("%H:%M:%S ", time.localtime(event.get("t", 0))) + line
+    return time.strftime("%H:%M:%S ", time.localtime(event["t"])) + line
 
 
-def _body(e: dict[str, Any]) -> str | None:
-    kind = e.get("type")
+def _body(e: AnyEvent) -> str | None:
+    kind = e["type"]
     if kind == "step":
-        return (f"step {e.get('step')}/{e.get('max_steps', '?')} | loss {_fmt(e.get('loss'), '.4f')} | "
-                f"lr {_fmt(e.get('lr'), '.2e')} | gnorm {_fmt(e.get('grad_norm'), '.2f')} | "
-                f"{human(e.get('tokens_per_s') or 0)} tok/s | MFU {format_mfu(e.get('mfu'))} | "
-                f"ETA {duration(e.get('eta_s'))}")
+        return (f"step {e['step']}/{e['max_steps']} | loss {loss(e['loss'])} | lr {sci(e['lr'])} | "
+                f"gnorm {sig(e['grad_norm'])} | {count(e['tokens_per_s'])} tok/s | MFU {format_mfu(e['mfu'])} | "
+                f"ETA {duration(e['eta_s'])}")
     if kind == "eval":
-        bpb = e.get("val_bpb")
-        return (f"eval step {e.get('step')} | val loss {_fmt(e.get('val_loss'), '.4f')} | "
-                f"ppl {_fmt(e.get('val_ppl'), '.2f')} | bpb {'n/a' if bpb is None else _fmt(bpb, '.4f')}")
+        return (f"eval step {e['step']} | val loss {loss(e['val_loss'])} | ppl {fixed(e['val_ppl'], 2)} | "
+                f"bpb {loss(e['val_bpb'])}")
     if kind == "sample":
-        return f"sample step {e.get('step')}: {e.get('prompt', '')!r} -> {e.get('text', '')!r}"
+        return f"sample step {e['step']}: {e['prompt']!r} -> {e['text']!r}"
     if kind == "checkpoint":
-        return f"saved {e.get('path', '')}"
+        return f"saved {e['path']}"
     if kind == "state":
-        return f"state: {e.get('state')}" + (f" ({e['reason']})" if e.get("reason") else "")
+        return f"state: {e['state']}"
     if kind == "log":
-        return str(e.get("message", ""))
+        return e["message"]
     if kind == "error":
-        text = f"error: {e.get('message', '')}"
+        text = f"error: {e['message']}"
         return text + ("\n" + e["traceback"].rstrip() if e.get("traceback") else "")
     if kind == "system":
-        gpus = "  ".join(f"gpu{g.get('index')} {g.get('util_percent', '?')}% {_gb(g.get('mem_used_bytes'))}/"
-                         f"{_gb(g.get('mem_total_bytes'))} GB {g.get('temp_c', '?')}C {g.get('power_w', '?')}W"
-                         for g in e.get("gpus") or [])
-        return (f"system: cpu {_fmt(e.get('cpu_percent'), '.0f')}% (machine "
-                f"{_fmt(e.get('machine_cpu_percent'), '.0f')}%)  rss {_gb(e.get('rss_bytes'))} GB  ram "
-                f"{_gb(e.get('ram_used_bytes'))}/{_gb(e.get('ram_total_bytes'))} GB" + (f"  {gpus}" if gpus else ""))
+        gpus = "  ".join(f"gpu{g['index']} {percent(g['util_percent'])} "
+                         f"{nbytes_pair(g['mem_used_bytes'], g['mem_total_bytes'])} "
+                         f"{fixed(g['temp_c'], 0)}C {fixed(g['power_w'], 0)}W" for g in e["gpus"])
+        return (f"system: cpu {percent(e['cpu_percent'])} (engine {percent(e['process_cpu_percent'])})  "
+                f"rss {nbytes(e['rss_bytes'])}  ram {nbytes_pair(e['ram_used_bytes'], e['ram_total_bytes'])}"
+                + (f"  {gpus}" if gpus else ""))
     return None

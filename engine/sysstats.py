@@ -1,8 +1,9 @@
 """System stats: a sampler thread that writes `system` events at a fixed interval.
 
-Each event holds the engine process's and the machine's CPU and memory (psutil)
-and, per GPU, what NVML reports (nvidia-ml-py): utilisation, memory, temperature,
-power draw and limit, SM clock. As nvitop does, every NVML field may fail on its
+Each event (workbench.engine.events.System, which defines every field and its unit)
+holds the machine's and the engine process's CPU and memory (psutil) and, per GPU,
+what NVML reports (nvidia-ml-py): utilisation, memory, temperature, power draw and
+limit, SM clock. As nvitop does, every NVML field may fail on its
 own and is then null; a machine with no GPU, no driver or no NVML library gets
 `gpus: []` and one `log` event saying why, never a crash. The engine's own GPU
 memory comes from torch.cuda when the engine has already loaded torch and CUDA;
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psutil
+
+from workbench.engine.events import EngineGpu, Gpu
 
 Emit = Callable[..., Any]  # EventWriter.emit(type, **fields)
 
@@ -34,12 +38,12 @@ def _decode(value: Any) -> Any:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
-def gpu_stats(nvml, handles: list) -> list[dict[str, Any]]:
+def gpu_stats(nvml, handles: list) -> list[Gpu]:
     """Per-GPU readings through the `nvml` module (pynvml); missing fields are None."""
     return [_one_gpu(nvml, index, h) for index, h in enumerate(handles)]
 
 
-def _one_gpu(nvml, index: int, h) -> dict[str, Any]:
+def _one_gpu(nvml, index: int, h) -> Gpu:
     util = _field(lambda: nvml.nvmlDeviceGetUtilizationRates(h))
     mem = _field(lambda: nvml.nvmlDeviceGetMemoryInfo(h))
     power_mw = _field(lambda: nvml.nvmlDeviceGetPowerUsage(h))
@@ -77,7 +81,7 @@ def open_nvml() -> tuple[Any, list, str | None]:
     return pynvml, handles, None
 
 
-def engine_gpu_memory() -> dict[str, Any] | None:
+def engine_gpu_memory() -> EngineGpu | None:
     """torch's allocated/reserved bytes on the current CUDA device, if the engine uses CUDA."""
     torch = sys.modules.get("torch")  # only if the engine already imported it
     if torch is None:
@@ -106,7 +110,7 @@ class SystemSampler:
         self._nvml = None
         self._handles: list = []
 
-    def start(self) -> "SystemSampler":
+    def start(self) -> SystemSampler:
         self._nvml, self._handles, why = open_nvml()
         if why:
             self.emit("log", level="info", message=why)
@@ -114,10 +118,11 @@ class SystemSampler:
         return self
 
     def sample(self) -> dict[str, Any]:
+        """The fields of one System event."""
         vm = psutil.virtual_memory()
         return {
-            "cpu_percent": self._process.cpu_percent(None),  # this process; may exceed 100 on many cores
-            "machine_cpu_percent": psutil.cpu_percent(None),
+            "cpu_percent": psutil.cpu_percent(None),  # the machine: 0-100
+            "process_cpu_percent": self._process.cpu_percent(None),  # the engine: above 100 on several cores
             "cpu_count": psutil.cpu_count(),
             "rss_bytes": self._process.memory_info().rss,
             "ram_used_bytes": vm.total - vm.available,

@@ -36,9 +36,8 @@ from workbench.engine.control import Control
 from workbench.engine.data.dataset import Dataset
 from workbench.engine.device import device_info
 from workbench.engine.errors import ConfigError, DataError, WorkbenchError
-from workbench.engine.estimates import human
 from workbench.engine.events import EventWriter
-from workbench.engine.formatting import format_event
+from workbench.engine.formatting import count, format_event, nbytes
 from workbench.engine.model import GPT
 from workbench.engine.rundir import RunDir
 from workbench.kernels import KernelsUnavailable, select
@@ -112,17 +111,22 @@ class Trainer:
     def _print_event(self, event: dict) -> None:
         # System stats every second would drown the steps (`workbench attach --system` shows them);
         # an error is re-raised, and whoever called train() reports it once.
-        if event.get("type") in ("system", "error"):
+        if event["type"] in ("system", "error"):
             return
         line = format_event(event)
         if line is not None:
             self._echo(line)
 
     def log(self, message: str) -> None:
-        self.events.emit("log", message=message)
+        self.events.emit("log", level="info", message=message)
 
     def emit_state(self, state: str) -> None:
-        self.events.emit("state", state=state)
+        """A `state` event; a running one says what it runs on (set up by then: see setup)."""
+        if state == "running":
+            self.events.emit("state", state=state, device=self.device.name,
+                             dtype=str(self.device.dtype).removeprefix("torch."), kernels=self.ops.name)
+        else:
+            self.events.emit("state", state=state)
 
     # --- setup -----------------------------------------------------------------------------------
 
@@ -145,11 +149,11 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token()
         checkpoint.clean_temporaries(self.rundir)
         self.log(f"kernels: {self.ops.name} ({self.ops.reason})")
-        peak = "unknown peak (MFU n/a)" if not self.device.peak_flops else f"peak {human(self.device.peak_flops)}FLOP/s"
+        peak = f"peak {count(self.device.peak_flops, 'FLOP/s')}" if self.device.peak_flops else "unknown peak (MFU n/a)"
         self.log(f"device: {self.device.name}, {str(self.device.dtype).removeprefix('torch.')}, {peak}")
-        self.log(f"model: {human(self.model.num_params())} parameters, {human(self.flops_per_token)}FLOPs/token, "
-                 f"~{human(self.model.memory_estimate(cfg.train.batch_size, self.device.bf16))}B to train; "
-                 f"data: {human(len(self.dataset.train))} train / {human(len(self.dataset.val))} val tokens")
+        self.log(f"model: {count(self.model.num_params())} parameters, {count(self.flops_per_token, 'FLOPs')}/token, "
+                 f"~{nbytes(self.model.memory_estimate(cfg.train.batch_size, self.device.bf16))} to train; "
+                 f"data: {count(len(self.dataset.train))} train / {count(len(self.dataset.val))} val tokens")
         if self.resume:
             latest = self.rundir.latest_checkpoint()
             if latest is None:

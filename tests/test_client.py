@@ -25,6 +25,7 @@ from workbench.engine.events import EventWriter, read_events
 from workbench.engine.process.server import MAX_REQUEST_BYTES, ControlServer, RequestError, parse_request
 from engine_helpers import cli_env, workbench
 
+from event_fixtures import complete, fields
 HOLDER = """
 import sys, time
 from workbench.engine.process.host import EngineLock
@@ -64,9 +65,10 @@ def make_run(root: Path, name: str = "r", max_steps: int = 100) -> Path:
     return run
 
 
-def emit(run: Path, kind: str, **fields) -> None:
+def emit(run: Path, kind: str, **given) -> None:
+    """One event with `given` fields (the rest defaults: event_fixtures.fields)."""
     w = EventWriter(run / "events.jsonl")
-    w.emit(kind, **fields)
+    w.emit(kind, **fields(kind, **given))
     w.close()
 
 
@@ -140,13 +142,14 @@ def test_follow_replays_history_then_live_events_and_waits_out_a_torn_line(tmp_p
     assert [e["step"] for e in got] == [1, 2, 3]  # the history
 
     with open(run / "events.jsonl", "ab") as f:  # the engine half way through writing a line
-        f.write(b'{"v":1,"t":1.0,"type":"step","st')
+    line = json.dumps(complete({"type": "step", "step": 4, "loss": 0.5}), separators=(",", ":")).encode()
+        f.write(line[:30])
         f.flush()
         time.sleep(0.15)
         assert len(got) == 3  # not a half event, not an error
-        f.write(b'ep":4,"loss":0.5}\n')
+        f.write(line[30:] + b"\n")
         f.write(b'{"v":1,"t":1.0,"type":"st\x00\xffcorrupt\n')  # garbage between good lines: skipped
-        f.write(b'{"v":1,"t":1.0,"type":"step","step":5,"loss":0.4}\n')
+        f.write(json.dumps(complete({"type": "step", "step": 5, "loss": 0.4})).encode() + b"\n")
     while len(got) < 5 and time.time() < deadline:
         time.sleep(0.01)
     assert [e["step"] for e in got] == [1, 2, 3, 4, 5]
@@ -160,7 +163,7 @@ def test_follow_replays_history_then_live_events_and_waits_out_a_torn_line(tmp_p
 def test_a_new_writer_after_a_torn_line_loses_no_event(tmp_path):
     """An engine killed mid-line, then `train --resume`: its first event must not be glued to the torn one."""
     path = tmp_path / "events.jsonl"
-    EventWriter(path).emit("step", step=1, loss=1.0)
+    EventWriter(path).emit("step", **fields("step", step=1, loss=1.0))
     with open(path, "ab") as f:
         f.write(b'{"v":1,"t":2.0,"type":"step","st')
     w = EventWriter(path)
@@ -183,13 +186,13 @@ def test_follow_from_an_offset_and_with_a_stop(tmp_path):
 def test_tail_events_reads_backwards_across_blocks(tmp_path):
     path = tmp_path / "events.jsonl"
     w = EventWriter(path)
-    w.emit("state", state="running")
-    w.emit("log", message="device: cpu (2 threads), float32")
+    w.emit("state", **fields("state", state="running"))
+    w.emit("log", **fields("log", message="device: cpu (2 threads), float32"))
     for i in range(1, 400):
-        w.emit("step", step=i, loss=10 - i / 100)
+        w.emit("step", **fields("step", step=i, loss=10 - i / 100))
         if i % 50 == 0:
-            w.emit("eval", step=i, val_loss=5 - i / 1000)
-        w.emit("system", cpu_percent=1.0, note="x" * (i % 37))
+            w.emit("eval", **fields("eval", step=i, val_loss=5 - i / 1000))
+        w.emit("log", **fields("log", message="x" * (i % 37)))  # lines of many lengths
     w.close()
     with open(path, "ab") as f:
         f.write(b'{"v":1,"t":2.0,"type":"step","step":400,"lo')  # torn last line
@@ -207,8 +210,8 @@ def test_tail_events_reads_backwards_across_blocks(tmp_path):
     assert client.tail_events(path, wanted)["state"]["state"] == "running"
     with open(path, "ab") as f:
         f.write(b'te":"paused"}\n')  # ...and the half-written state is read once it is whole
-    assert client.tail_events(path, wanted) == {"state": {"v": 1, "t": 3.0, "type": "state", "state": "paused"},
-                                                "step": found["step"]}
+    assert client.tail_events(path, wanted) == {"state": {"v": 2, "t": 3.0, "type": "state", "state": "paused"},
+                                                "step": found["step"]}  # a v1 line, read as v2
     path.unlink()
     EventWriter(path).emit("state", state="finished")  # a new file at the same path: no stale answer
     assert client.tail_events(path, wanted) == {"state": {**client.tail_events(path, wanted)["state"],
@@ -249,6 +252,26 @@ def test_list_runs_and_ls(tmp_path, holders):
 
 
 def test_requests_without_an_engine_fail_in_one_clear_line(tmp_path):
+def test_ls_shows_the_device_of_the_last_running_state_not_log_text(tmp_path):
+    root = tmp_path / "runs"
+    run = make_run(root, "moved", max_steps=20)
+    emit(run, "state", state="running", device="cpu (4 threads)", dtype="float32", kernels="torch")
+    emit(run, "step", step=10, max_steps=20)
+    emit(run, "state", state="stopped")
+    emit(run, "log", message="device: a log line is only text, never read")  # resumed on a GPU:
+    emit(run, "state", state="running", device="NVIDIA H100 80GB HBM3", dtype="bfloat16", kernels="cupy")
+    emit(run, "step", step=20, max_steps=20)
+    emit(run, "state", state="finished")
+    assert client.run_summary(run)["device"] == "NVIDIA H100 80GB HBM3"
+    out = workbench("ls", root)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1].split()[:7] == ["moved", "finished", "20/20", "3.0000", "-", "1k", "NVIDIA"]
+    assert "H100 80GB HBM3" in out.stdout
+    never_ran = make_run(root, "new")
+    emit(never_ran, "state", state="starting")
+    assert client.run_summary(never_ran)["device"] is None
+
+
     run = make_run(tmp_path)
     emit(run, "state", state="running")
     with pytest.raises(client.EngineNotRunning, match=r"no engine is running for .* \(state: crashed\)"):
@@ -471,7 +494,7 @@ def test_attach_sigint_leaves_a_real_view_quietly(tmp_path, holders):
     first = proc.stdout.readline()
     assert "state: running" in first
     second = proc.stdout.readline()
-    assert second.endswith("step 1/10 | loss 3.0000 | lr 1.00e-03 | gnorm 0.50 | 1k tok/s | MFU 1.0% | ETA 0:05\n")
+    assert second.endswith("step 1/10 | loss 3.0000 | lr 1.00e-03 | gnorm 0.5 | 1k tok/s | MFU 1.0% | ETA 5s\n")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0 and "detached; the run goes on" in err and "Traceback" not in err

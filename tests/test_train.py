@@ -17,6 +17,7 @@ from workbench.engine.formatting import format_event
 from workbench.engine.run_setup import create_run
 from workbench.engine.train import get_batch, lr_at, train
 from engine_helpers import events_of, step_losses, tiny_config, tiny_raw, workbench, workbench_popen, write_toml
+from event_fixtures import complete, fields
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -59,15 +60,16 @@ def test_training_writes_events_checkpoints_and_run_files(tiny_data, tmp_path):
     step_lines = [line for line in lines if line.startswith("step ")]
     assert len(step_lines) == 20
     assert step_lines[-1].startswith("step 20/20 | loss ") and "| lr " in step_lines[-1]
-    assert " tok/s | MFU " in step_lines[-1] and "| ETA 0:00" in step_lines[-1]
+    assert " tok/s | MFU " in step_lines[-1] and "| ETA 0s" in step_lines[-1]
 
 
 def test_format_event_step_line():
-    line = format_event({"type": "step", "step": 100, "max_steps": 300, "loss": 3.21041, "lr": 1e-3,
-                         "grad_norm": 0.851, "tokens_per_s": 12345.0, "mfu": 0.0123, "eta_s": 42})
-    assert line == "step 100/300 | loss 3.2104 | lr 1.00e-03 | gnorm 0.85 | 12.3k tok/s | MFU 1.2% | ETA 0:42"
-    assert "MFU n/a" in format_event({"type": "step", "step": 1, "max_steps": 2, "loss": 1.0, "lr": 1.0,
-                                      "grad_norm": 1.0, "tokens_per_s": 10.0, "mfu": None, "eta_s": 3700})
+    line = format_event(complete({"type": "step", "step": 100, "max_steps": 300, "loss": 3.21041, "lr": 1e-3,
+                                  "grad_norm": 0.851, "tokens_per_s": 12345.0, "mfu": 0.0123, "eta_s": 42}))
+    assert line == "step 100/300 | loss 3.2104 | lr 1.00e-03 | gnorm 0.851 | 12.3k tok/s | MFU 1.2% | ETA 42s"
+    line = format_event(complete({"type": "step", "step": 1, "max_steps": 2, "loss": 1.0, "lr": 1.0, "grad_norm": 1.0,
+                                  "tokens_per_s": 10.0, "mfu": None, "eta_s": 3700}))
+    assert "MFU n/a" in line and line.endswith("ETA 1h01m")
 
 
 def test_lr_schedule(tiny_data):
@@ -208,7 +210,7 @@ class UserErrorAt(Control):
     """Emits a system event each poll (as the engine's sampler does), then fails the way a user can."""
 
     def poll(self, trainer):
-        trainer.events.emit("system", cpu_percent=50.0)
+        trainer.events.emit("system", **fields("system"))
         if trainer.step == 3:
             from workbench.engine.errors import DataError
             raise DataError("the data went away")

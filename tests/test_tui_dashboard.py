@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import os
 import signal
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_helpers import tiny_raw, workbench, write_toml  # noqa: E402
+from event_fixtures import complete, fields  # noqa: E402
 from tui_fixtures import make_demo_run  # noqa: E402
 from workbench_pilot import wait_for  # noqa: E402
 
@@ -83,10 +85,10 @@ def test_log_lines_wrap_inside_the_panel_at_80_columns(tmp_path):
     run = tmp_path / "wordy"
     run.mkdir()
     w = EventWriter(run / "events.jsonl")
-    w.emit("state", state="finished", max_steps=10)
+    w.emit("state", state="finished")
     for i in range(12):
-        w.emit("log", message=f"model: 932k parameters, 6.37MFLOPs/token, ~107MB to train; data: 159k train "
-                              f"/ 8.46k val tokens ({i})")
+        w.emit("log", level="info", message=f"model: 932k parameters, 6.37MFLOPs/token, ~107MB to train; "
+                                            f"data: 159k train / 8.46k val tokens ({i})")
     w.close()
 
     async def body(pilot, app, screen):
@@ -106,21 +108,21 @@ def test_resume_from_an_older_checkpoint_forgets_the_undone_evals(tmp_path):
     run = tmp_path / "rewound"
     run.mkdir()
     w = EventWriter(run / "events.jsonl")
-    w.emit("state", state="running", max_steps=150)
+    w.emit("state", **fields("state", state="running"))
     for step in range(1, 101):
-        w.emit("step", step=step, max_steps=150, loss=6 - step / 50, tokens=step * 100)
+        w.emit("step", **fields("step", step=step, max_steps=150, loss=6 - step / 50, tokens=step * 100))
         if step in (50, 100):
-            w.emit("eval", step=step, val_loss=7 - step / 50, val_bpb=3 - step / 100)
-            w.emit("checkpoint", step=step, path=f"checkpoints/step_{step:06d}")
+            w.emit("eval", **fields("eval", step=step, val_loss=7 - step / 50, val_bpb=3 - step / 100))
+            w.emit("checkpoint", **fields("checkpoint", step=step))
     w.emit("state", state="stopped")
-    w.emit("state", state="running")  # resumed from step_000050
+    w.emit("state", **fields("state", state="running"))  # resumed from step_000050
     for step in range(51, 56):
-        w.emit("step", step=step, max_steps=150, loss=5.5, tokens=step * 100)
+        w.emit("step", **fields("step", step=step, max_steps=150, loss=5.5, tokens=step * 100))
     w.emit("state", state="stopped")
     w.close()
 
     async def body(pilot, app, screen):
-        await wait_for(pilot, lambda: screen.view is not None and screen.view.latest.get("step") == 55,
+        await wait_for(pilot, lambda: screen.view is not None and (screen.view.latest or {}).get("step") == 55,
                        what="replay")
         await pilot.pause(0.2)
         assert screen.view.n_steps == 55 and list(screen.view.eval_steps) == [50]
@@ -138,7 +140,7 @@ def test_cpu_and_ram_sparklines_are_on_a_0_to_100_scale(tmp_path):
     w = EventWriter(run / "events.jsonl")
     w.emit("state", state="finished")
     for _ in range(30):
-        w.emit("system", machine_cpu_percent=100.0, ram_used_bytes=1 << 30, ram_total_bytes=10 << 30, gpus=[])
+        w.emit("system", **fields("system", cpu_percent=100.0, ram_used_bytes=1 << 30, ram_total_bytes=10 << 30))
     w.close()
 
     async def body(pilot, app, screen):
@@ -152,12 +154,41 @@ def test_cpu_and_ram_sparklines_are_on_a_0_to_100_scale(tmp_path):
     run_dashboard(run, body)
 
 
+def test_the_cpu_panel_shows_the_machine_share_never_above_100(tmp_path):
+    """The CPU row is the system event's cpu_percent (the whole machine, 0-100), never the engine
+    process's own share, which exceeds 100 on several cores: also for a v1 run's events."""
+    run = tmp_path / "cores"
+    run.mkdir()
+    v1 = {"v": 1, "t": 1.0, "type": "system", "cpu_percent": 387.5, "machine_cpu_percent": 48.0, "cpu_count": 8,
+          "rss_bytes": 1 << 30, "ram_used_bytes": 1 << 30, "ram_total_bytes": 10 << 30, "gpus": [],
+          "engine_gpu": None}  # as the previous release wrote it: cpu_percent was the process's
+    with open(run / "events.jsonl", "w") as f:
+        f.write(json.dumps(v1) + "\n")
+    shown = []
+
+    async def body(pilot, app, screen):
+        def cpu() -> str:
+            return screen.query_one("#cpu").query_one(".stat-value", Label).render().plain
+
+        await wait_for(pilot, lambda: cpu() != "n/a", what="the v1 system event")
+        shown.append(cpu())
+        w = EventWriter(run / "events.jsonl")
+        w.emit("system", **fields("system", cpu_percent=100.0, process_cpu_percent=790.0, cpu_count=8))
+        w.close()
+        await wait_for(pilot, lambda: cpu() != shown[-1], timeout=10, what="the v2 system event")
+        shown.append(cpu())
+        assert max(screen.view.cpu) <= 100
+
+    run_dashboard(run, body)
+    assert shown == ["48%", "100%"]
+
+
 def test_long_history_is_downsampled(tmp_path):
     """A 50k-step history replays quickly and the plot gets a few hundred points, not 50k."""
     run = tmp_path / "long"
     run.mkdir()
     w = EventWriter(run / "events.jsonl")
-    w.emit("state", state="running", max_steps=50_000)
+    w.emit("state", **fields("state", state="running"))
     for step in range(1, 50_001):
         w.emit("step", step=step, max_steps=50_000, loss=3 + 1 / step, lr=1e-3, grad_norm=1.0, tokens=step * 64,
                tokens_per_s=1e4, mfu=None, eta_s=1.0, elapsed_s=step * 0.01)
@@ -182,7 +213,7 @@ def test_chunked_reads_equal_one_whole_read(tmp_path):
 
     w = EventWriter(tmp_path / "events.jsonl")
     for i in range(300):
-        w.emit("log", message="x" * (i * 7))  # some lines longer than a chunk
+        w.emit("log", level="info", message="x" * (i * 7))  # some lines longer than a chunk
     w.close()
     whole, end = read_events(tmp_path / "events.jsonl")
     got, offset = [], 0
@@ -208,23 +239,25 @@ def test_follows_appended_events_and_turns_crashed_when_the_engine_goes(tmp_path
     (run / "config.toml").write_text("[train]\nmax_steps = 100\n")
     lock = hold_engine_lock(run)
     w = EventWriter(run / "events.jsonl")
-    w.emit("state", state="running", max_steps=100)
+    w.emit("state", **fields("state", state="running"))
     for step in range(1, 11):
-        w.emit("step", step=step, max_steps=100, loss=5.0 - step * 0.1, lr=1e-3, tokens=step * 100)
+        w.emit("step", **fields("step", step=step, max_steps=100, loss=5.0 - step * 0.1, lr=1e-3, tokens=step * 100))
 
     async def body(pilot, app, screen):
         await wait_for(pilot, lambda: screen.view is not None and screen.view.n_steps == 10, what="replay")
         assert "running" in status_text(screen)
         for step in range(11, 21):
-            w.emit("step", step=step, max_steps=100, loss=5.0 - step * 0.1, lr=1e-3, tokens=step * 100)
+            w.emit("step", **fields("step", step=step, max_steps=100, loss=5.0 - step * 0.1, lr=1e-3,
+                                    tokens=step * 100))
         await wait_for(pilot, lambda: screen.view.n_steps == 20, timeout=10, what="appended steps")
         # a torn line (a writer mid-append) is left alone until it is complete
+        line = json.dumps(complete({"type": "step", "step": 21, "max_steps": 100, "loss": 2.9, "tokens": 2100}))
         with open(run / "events.jsonl", "a") as f:
-            f.write('{"v":1,"t":1.0,"type":"step","step":21,"loss":2.9')
+            f.write(line[:40])
             f.flush()
             await pilot.pause(1.2)
             assert screen.view.n_steps == 20
-            f.write(',"tokens":2100}\n')
+            f.write(line[40:] + "\n")
         await wait_for(pilot, lambda: screen.view.n_steps == 21, timeout=10, what="completed line")
         w.emit("error", message="CUDA out of memory", traceback="Traceback ...")
         await wait_for(pilot, lambda: any("out of memory" in n.message for n in app._notifications),

@@ -86,8 +86,8 @@ def test_lists_runs_and_turns_a_dead_engine_crashed(tmp_path):
         screen = app.screen
         await wait_for(pilot, lambda: len(screen.runs) == 2, what="two runs")
         rows = {r[0]: r for r in table_rows(screen)}
-        assert rows["done"][1:] == ["finished", "100/100", "3.250", "3.500", "12.3k", "cpu", "2h"]
-        assert rows["ghost"][1:4] == ["crashed", "7/50", "5.500"]
+        assert rows["done"][1:] == ["finished", "100/100", "3.2500", "3.5000", "12.3k", "cpu", "2h"]
+        assert rows["ghost"][1:4] == ["crashed", "7/50", "5.5000"]
         assert list(rows) == ["ghost", "done"]  # newest first
         # an error the engine writes while we watch becomes a notification, not a traceback
         with open(runs / "ghost" / "events.jsonl", "a") as f:

@@ -11,19 +11,22 @@ import json
 import math
 from pathlib import Path
 
+from event_fixtures import complete
+
 T0 = 1_700_000_000.0  # fixed clock: snapshots never depend on when they were taken
 MAX_STEPS = 300
 GPU = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "mem_total_bytes": 80 * 2**30, "power_limit_w": 700.0}
 
 
 def _line(t: float, type_: str, **fields) -> str:
-    return json.dumps({"v": 1, "t": round(T0 + t, 3), "type": type_, **fields}, separators=(",", ":")) + "\n"
+    event = complete({"type": type_, **fields}, round(T0 + t, 3))  # a whole event of the current schema, checked
+    return json.dumps(event, separators=(",", ":")) + "\n"
 
 
 def demo_events(max_steps: int = MAX_STEPS, finished: bool = True) -> str:
-    out = [_line(0, "state", state="starting", max_steps=max_steps),
+    out = [_line(0, "state", state="starting"),
            _line(0.5, "log", level="info", message="device cpu · kernels torch (reference)"),
-           _line(1, "state", state="running", step=0, max_steps=max_steps)]
+           _line(1, "state", state="running", device=GPU["name"], dtype="bfloat16", kernels="cupy")]
     tokens_per_step = 4096
     for step in range(1, max_steps + 1):
         t = 1 + step * 0.5
@@ -37,12 +40,12 @@ def demo_events(max_steps: int = MAX_STEPS, finished: bool = True) -> str:
                          elapsed_s=step * 0.5))
         if step % 10 == 0:
             k = step // 10
-            out.append(_line(t + 0.1, "system", cpu_percent=180.0, machine_cpu_percent=90 + 5 * math.sin(k),
-                             cpu_count=2, rss_bytes=900 * 2**20, ram_used_bytes=(6 + 0.1 * k) * 2**30,
+            out.append(_line(t + 0.1, "system", cpu_percent=90 + 5 * math.sin(k), process_cpu_percent=180.0,
+                             cpu_count=2, rss_bytes=900 * 2**20, ram_used_bytes=int((6 + 0.1 * k) * 2**30),
                              ram_total_bytes=24 * 2**30,
                              gpus=[{**GPU, "util_percent": 60 + 30 * math.sin(k / 3),
-                                    "mem_used_bytes": (20 + 0.5 * k) * 2**30, "temp_c": 55 + k % 10,
-                                    "power_w": 300 + 10 * k, "sm_clock_mhz": 1980}]))
+                                    "mem_used_bytes": int((20 + 0.5 * k) * 2**30), "temp_c": 55 + k % 10,
+                                    "power_w": 300 + 10 * k, "sm_clock_mhz": 1980}], engine_gpu=None))
         if step % 50 == 0:
             val = 3.3 + 6.0 * math.exp(-step / 40)
             out.append(_line(t + 0.2, "eval", step=step, val_loss=round(val, 4), val_ppl=math.exp(val),
@@ -53,7 +56,7 @@ def demo_events(max_steps: int = MAX_STEPS, finished: bool = True) -> str:
             out.append(_line(t + 0.4, "checkpoint", step=step, path=f"checkpoints/step_{step:06d}",
                              val_loss=round(3.3 + 6.0 * math.exp(-step / 40), 4)))
     if finished:
-        out.append(_line(2 + max_steps * 0.5, "state", state="finished", step=max_steps))
+        out.append(_line(2 + max_steps * 0.5, "state", state="finished"))
     return "".join(out)
 
 

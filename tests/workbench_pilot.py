@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from event_fixtures import complete
 from textual.widgets import DataTable
 
 from workbench.app import WorkbenchApp
@@ -44,13 +45,16 @@ def notifications(app) -> list[str]:
 
 def write_events(run: Path, events: list[dict], config: str = "[train]\nmax_steps = 100\n",
                  age_s: float | None = None) -> Path:
-    """A run folder with a config and the given events (no engine): what a past run leaves behind."""
+    """A run folder with a config and the given events (no engine): what a past run leaves behind.
+
+    Each event needs only a "type" and the fields the test cares about; the rest get defaults
+    (event_fixtures.complete), so the file holds whole events, as EventWriter writes them."""
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.toml").write_text(config)
     t = time.time() - (age_s or 0)
     with open(run / "events.jsonl", "w") as f:
         for e in events:
-            f.write(json.dumps({"v": 1, "t": t, **e}, separators=(",", ":")) + "\n")  # as EventWriter
+            f.write(json.dumps(complete(e, t), separators=(",", ":")) + "\n")  # as EventWriter
     if age_s is not None:  # the run started and last wrote age_s ago
         os.utime(run / "events.jsonl", (t, t))
         os.utime(run / "config.toml", (t, t))
@@ -62,8 +66,7 @@ def finished_events(step: int = 100, loss: float = 3.25, val: float = 3.5, devic
         {"type": "state", "state": "starting"},
         {"type": "log", "message": f"device: {device}, float32"},
         {"type": "state", "state": "running", "device": device},
-        {"type": "step", "step": step, "max_steps": step, "loss": loss, "tokens_per_s": 12345.0,
-         "device": device},
+        {"type": "step", "step": step, "max_steps": step, "loss": loss, "tokens_per_s": 12345.0},
         {"type": "eval", "step": step, "val_loss": val, "val_bpb": 1.2},
         {"type": "state", "state": "finished"},
     ]

@@ -7,7 +7,9 @@ tail of everything else (system stats, log lines, samples). `view()` hands the U
 small immutable snapshot, downsampled for plotting, so the UI thread never walks the
 whole history and never shares mutable state with the thread that reads the file.
 
-Pure Python and numpy; no Textual, no torch.
+It is fed events of the current schema only (workbench.engine.events: read_events and
+EventReader upgrade old runs' events and skip what does not fit), so it indexes their
+fields directly. Pure Python and numpy; no Textual, no torch.
 """
 
 from __future__ import annotations
@@ -20,8 +22,15 @@ from typing import Any
 
 import numpy as np
 
-STEP_FIELDS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")
-EVAL_FIELDS = ("step", "val_loss", "val_bpb")
+from workbench.engine import formatting as fmt
+from workbench.engine.events import AnyEvent, Checkpoint, Error, Eval, Gpu, Log, Sample, State, Step, System
+
+STEP_FIELDS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")  # kept for every step
+EVAL_FIELDS = ("step", "val_loss", "val_bpb")  # kept for every eval
+RECENT_FIELDS = ("lr", "grad_norm", "tokens_per_s", "mfu")  # kept for the last recent_len steps
+for _names, _event in ((STEP_FIELDS + RECENT_FIELDS, Step), (EVAL_FIELDS, Eval)):
+    if not set(_names) <= _event.__required_keys__:
+        raise ImportError(f"history: {set(_names) - _event.__required_keys__} are not {_event.__name__} fields")
 
 
 def _num(value: Any) -> float:
@@ -57,7 +66,7 @@ class GpuView:
     name: str
     util: list[float]            # recent utilisation %, oldest first
     mem_frac: list[float]        # recent memory used / total
-    latest: dict[str, Any]
+    latest: Gpu
 
 
 @dataclass(frozen=True)
@@ -65,22 +74,21 @@ class HistoryView:
     """What the dashboard renders; plain values, safe to hand to another thread."""
     state: str | None
     max_steps: int | None
-    latest: dict[str, Any]                     # the newest step event
-    last_eval: dict[str, Any]                  # the newest eval event
+    latest: Step | None                        # the newest step event
     steps: np.ndarray                          # downsampled train curve: step, tokens, loss
     tokens: np.ndarray
     loss: np.ndarray
-    eval_steps: np.ndarray                     # every eval: step, tokens at that step, val loss
+    eval_steps: np.ndarray                     # every eval, oldest first: step, tokens at that step, val loss, bpb
     eval_tokens: np.ndarray
     val_loss: np.ndarray
     val_bpb: np.ndarray
     recent: dict[str, list[float]]             # recent lr, grad_norm, tokens_per_s, mfu for sparklines
     cpu: list[float]
     ram: list[float]
-    system: dict[str, Any]                     # the newest system event
+    system: System | None                      # the newest system event
     gpus: list[GpuView]
-    samples: list[dict[str, Any]]              # newest last
-    checkpoints: list[dict[str, Any]]
+    samples: list[Sample]                      # newest last
+    checkpoints: list[Checkpoint]
     n_steps: int
     errors: int
 
@@ -89,44 +97,36 @@ class RunHistory:
     def __init__(self, system_len: int = 300, recent_len: int = 120, log_len: int = 500, samples_len: int = 20):
         self.cols = {name: array("d") for name in STEP_FIELDS}
         self.evals = {name: array("d") for name in EVAL_FIELDS}
-        self.latest: dict[str, Any] = {}
-        self.last_eval: dict[str, Any] = {}
+        self.latest: Step | None = None
         self.state: str | None = None
-        self.state_event: dict[str, Any] = {}
+        self.state_event: State | None = None
         self.max_steps: int | None = None
-        self.recent = {name: deque(maxlen=recent_len) for name in ("lr", "grad_norm", "tokens_per_s", "mfu")}
+        self.recent = {name: deque(maxlen=recent_len) for name in RECENT_FIELDS}
         self.cpu: deque[float] = deque(maxlen=system_len)
         self.ram: deque[float] = deque(maxlen=system_len)
-        self.system: dict[str, Any] = {}
+        self.system: System | None = None
         self.gpu_util: dict[int, deque] = {}
         self.gpu_mem: dict[int, deque] = {}
         self.system_len = system_len
         self.log: deque[dict[str, Any]] = deque(maxlen=log_len)
-        self.samples: deque[dict[str, Any]] = deque(maxlen=samples_len)
-        self.checkpoints: list[dict[str, Any]] = []
+        self.samples: deque[Sample] = deque(maxlen=samples_len)
+        self.checkpoints: list[Checkpoint] = []
         self.errors = 0
         self._new_log: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------ folding events
 
-    def ingest(self, events: list[dict[str, Any]]) -> None:
+    def ingest(self, events: list[AnyEvent]) -> None:
         for event in events:
-            handler = getattr(self, f"_on_{event.get('type')}", None)
-            if handler is not None:
-                try:
-                    handler(event)
-                except (TypeError, ValueError, KeyError, AttributeError):
-                    continue  # an event of an unexpected shape is not worth a crash
+            getattr(self, f"_on_{event['type']}")(event)
 
-    def _on_state(self, e: dict[str, Any]) -> None:
-        self.state = e.get("state") or self.state
+    def _on_state(self, e: State) -> None:
+        self.state = e["state"]
         self.state_event = e
-        if isinstance(e.get("max_steps"), int):
-            self.max_steps = e["max_steps"]
-        self._add_log(e, "state", f"state: {self.state}" + (f" ({e['reason']})" if e.get("reason") else ""))
+        self._add_log(e, "state", fmt.format_event(e))
 
-    def _on_step(self, e: dict[str, Any]) -> None:
-        step = _num(e.get("step"))
+    def _on_step(self, e: Step) -> None:
+        step = e["step"]
         steps = self.cols["step"]
         if steps and step <= steps[-1]:
             # the engine went back (resume from an older checkpoint, NaN rollback): drop what it undid
@@ -134,63 +134,56 @@ class RunHistory:
             for col in self.cols.values():
                 del col[cut:]
             self._drop_evals_from(step)  # and the evals and checkpoints of the undone steps
-            self.checkpoints = [c for c in self.checkpoints if not (_num(c.get("step")) >= step)]
+            self.checkpoints = [c for c in self.checkpoints if c["step"] < step]
         for name in STEP_FIELDS:
-            self.cols[name].append(_num(e.get(name)))
+            self.cols[name].append(_num(e[name]))
         for name, values in self.recent.items():
-            values.append(_num(e.get(name)))
+            values.append(_num(e[name]))
         self.latest = e
-        if isinstance(e.get("max_steps"), int):
-            self.max_steps = e["max_steps"]
+        self.max_steps = e["max_steps"]
 
-    def _on_eval(self, e: dict[str, Any]) -> None:
-        self._drop_evals_from(_num(e.get("step")))
+    def _on_eval(self, e: Eval) -> None:
+        self._drop_evals_from(e["step"])
         for name in EVAL_FIELDS:
-            self.evals[name].append(_num(e.get(name)))
-        self.last_eval = e
-        self._add_log(e, "eval", f"eval @ {e.get('step')}: val loss {_fmt(e.get('val_loss'))}"
-                                 f", bpb {_fmt(e.get('val_bpb'))}")
+            self.evals[name].append(_num(e[name]))
+        self._add_log(e, "eval", f"eval @ {e['step']}: val loss {fmt.loss(e['val_loss'])}, "
+                                 f"bpb {fmt.loss(e['val_bpb'])}")
 
     def _drop_evals_from(self, step: float) -> None:
-        """Forget evals at `step` and after (the run went back); the newest one left is the latest."""
+        """Forget evals at `step` and after (the run went back)."""
         steps = self.evals["step"]
         if not steps or step > steps[-1]:
             return
         cut = bisect.bisect_left(steps, step)
         for col in self.evals.values():
             del col[cut:]
-        self.last_eval = {name: col[-1] for name, col in self.evals.items()} if cut else {}
 
-    def _on_sample(self, e: dict[str, Any]) -> None:
+    def _on_sample(self, e: Sample) -> None:
         self.samples.append(e)
 
-    def _on_checkpoint(self, e: dict[str, Any]) -> None:
+    def _on_checkpoint(self, e: Checkpoint) -> None:
         self.checkpoints.append(e)
-        name = str(e.get("path", "")).rstrip("/").rsplit("/", 1)[-1] or f"step {e.get('step')}"
-        self._add_log(e, "checkpoint", f"checkpoint {name} saved")
+        self._add_log(e, "checkpoint", f"checkpoint {checkpoint_name(e)} saved")
 
-    def _on_system(self, e: dict[str, Any]) -> None:
+    def _on_system(self, e: System) -> None:
         self.system = e
-        self.cpu.append(_num(_first(e, "machine_cpu_percent", "cpu_percent")))
-        used, total = _first(e, "ram_used_bytes", "ram_used"), _first(e, "ram_total_bytes", "ram_total")
-        self.ram.append(_num(used) / _num(total) * 100 if total else float("nan"))
-        for gpu in e.get("gpus") or []:
-            i = int(gpu.get("index", 0))
-            util = self.gpu_util.setdefault(i, deque(maxlen=self.system_len))
-            mem = self.gpu_mem.setdefault(i, deque(maxlen=self.system_len))
-            util.append(_num(_first(gpu, "util_percent", "util")))
-            used, total = _first(gpu, "mem_used_bytes", "mem_used"), _first(gpu, "mem_total_bytes", "mem_total")
-            mem.append(_num(used) / _num(total) * 100 if total else float("nan"))
+        self.cpu.append(_num(e["cpu_percent"]))
+        self.ram.append(_share(e["ram_used_bytes"], e["ram_total_bytes"]))
+        for gpu in e["gpus"]:
+            i = gpu["index"]
+            self.gpu_util.setdefault(i, deque(maxlen=self.system_len)).append(_num(gpu["util_percent"]))
+            self.gpu_mem.setdefault(i, deque(maxlen=self.system_len)).append(
+                _share(gpu["mem_used_bytes"], gpu["mem_total_bytes"]))
 
-    def _on_log(self, e: dict[str, Any]) -> None:
-        self._add_log(e, e.get("level") or "info", str(e.get("message", "")))
+    def _on_log(self, e: Log) -> None:
+        self._add_log(e, e["level"], e["message"])
 
-    def _on_error(self, e: dict[str, Any]) -> None:
+    def _on_error(self, e: Error) -> None:
         self.errors += 1
-        self._add_log(e, "error", str(e.get("message", "error")))
+        self._add_log(e, "error", e["message"])
 
-    def _add_log(self, e: dict[str, Any], level: str, message: str) -> None:
-        entry = {"t": e.get("t"), "level": level, "message": message, "type": e.get("type")}
+    def _add_log(self, e: AnyEvent, level: str, message: str) -> None:
+        entry = {"t": e["t"], "level": level, "message": message, "type": e["type"]}
         self.log.append(entry)
         self._new_log.append(entry)
         if len(self._new_log) > self.log.maxlen:
@@ -216,27 +209,26 @@ class RunHistory:
         n_steps = len(c["step"])
         del c
         gpus = []
-        for gpu in self.system.get("gpus") or []:
-            i = int(gpu.get("index", 0))
-            gpus.append(GpuView(i, str(gpu.get("name") or f"GPU {i}"), list(self.gpu_util.get(i, ())),
-                                list(self.gpu_mem.get(i, ())), dict(gpu)))
+        for gpu in self.system["gpus"] if self.system else []:
+            i = gpu["index"]
+            gpus.append(GpuView(i, gpu["name"] or f"GPU {i}", list(self.gpu_util.get(i, ())),
+                                list(self.gpu_mem.get(i, ())), gpu))
         return HistoryView(
-            state=self.state, max_steps=self.max_steps, latest=dict(self.latest), last_eval=dict(self.last_eval),
+            state=self.state, max_steps=self.max_steps, latest=self.latest,
             steps=steps, tokens=tokens, loss=loss,
             eval_steps=ev["step"], eval_tokens=eval_tokens, val_loss=ev["val_loss"], val_bpb=ev["val_bpb"],
             recent={name: list(values) for name, values in self.recent.items()},
-            cpu=list(self.cpu), ram=list(self.ram), system=dict(self.system), gpus=gpus,
+            cpu=list(self.cpu), ram=list(self.ram), system=self.system, gpus=gpus,
             samples=list(self.samples), checkpoints=list(self.checkpoints),
             n_steps=n_steps, errors=self.errors,
         )
 
 
-def _first(d: dict[str, Any], *keys: str) -> Any:
-    for key in keys:
-        if d.get(key) is not None:
-            return d[key]
-    return None
+def _share(used: int | None, total: int | None) -> float:
+    """used / total in percent; NaN (a gap) when either is unknown."""
+    return used / total * 100 if used is not None and total else float("nan")
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+def checkpoint_name(e: Checkpoint) -> str:
+    """The checkpoint's folder name, e.g. step_000300."""
+    return e["path"].rstrip("/").rsplit("/", 1)[-1] or f"step {e['step']}"

@@ -1,16 +1,18 @@
 """`workbench attach RUN`: a plain-text live view of a run, its history first, then live events.
 
 It only reads events.jsonl, so it never slows or stops the run: Ctrl-C detaches and
-the engine goes on. It ends by itself once the run's engine has ended.
+the engine goes on. It ends by itself once the run's engine has ended. Events come
+through the client's follow (workbench.engine.events.EventReader), so an older run's
+history reads like a new one's.
 """
 
 from __future__ import annotations
 
 import sys
 
-from workbench.engine.process.client import follow, run_state
 from workbench.engine.errors import WorkbenchError
 from workbench.engine.formatting import format_event
+from workbench.engine.process.client import follow, run_state
 from workbench.engine.rundir import RunDir
 
 
@@ -28,7 +30,7 @@ def run(args) -> int:
     out = sys.stdout
     try:
         for event in follow(run_dir, offset, poll=0.25, until_done=True):
-            if event.get("type") == "system" and not args.system:
+            if event["type"] == "system" and not args.system:
                 continue
             line = format_event(event, clock=True)
             if line is not None:

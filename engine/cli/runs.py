@@ -4,42 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from workbench.engine.process.client import list_runs
+from workbench.engine import formatting as fmt
 from workbench.engine.errors import WorkbenchError
+from workbench.engine.process.client import list_runs
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("root", nargs="?", default="runs", help="folder holding run folders (default: runs)")
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
-
-
-def _num(value, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def _speed(tokens_per_s) -> str:
-    if tokens_per_s is None:
-        return "-"
-    return f"{tokens_per_s / 1000:.1f}k" if tokens_per_s >= 1000 else f"{tokens_per_s:.0f}"
-
-
 def format_table(runs: list[dict]) -> str:
+    """One row per run summary (client.run_summary); '-' where a run has not reported a value yet."""
     header = ("NAME", "STATE", "STEP", "TRAIN", "VAL", "TOK/S", "DEVICE", "AGE")
     rows = [header]
     for r in runs:
-        step = "-" if r["step"] is None else f"{r['step']}/{r['max_steps'] or '?'}"
-        rows.append((r["name"], r["state"], step, _num(r["train_loss"], ".4f"), _num(r["val_loss"], ".4f"),
-                     _speed(r["tokens_per_s"]), r["device"] or "-", _age(r["age_s"])))
+        step = "-" if r["step"] is None else f"{r['step']}/{r['max_steps']}"
+        rows.append((r["name"], r["state"], step, fmt.loss(r["train_loss"], na="-"), fmt.loss(r["val_loss"], na="-"),
+                     fmt.count(r["tokens_per_s"], na="-"), r["device"] or "-",
+                     fmt.duration(r["age_s"], parts=1, na="-")))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def run(args) -> int:

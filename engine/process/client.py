@@ -22,13 +22,15 @@ import threading
 import time
 import tomllib
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
+from workbench.engine import events as schema
 from workbench.engine.errors import WorkbenchError
-from workbench.engine.events import read_events
-from workbench.engine.rundir import RunDir
+from workbench.engine.events import AnyEvent, EventReader
 from workbench.engine.process.server import socket_address
+from workbench.engine.rundir import RunDir
 
 TERMINAL_STATES = ("finished", "stopped", "crashed")
 FOLLOW_CHUNK = 4 << 20  # bytes of events.jsonl read at a time
@@ -96,7 +98,11 @@ def engine_alive(run_dir) -> bool:
 # ---- reading events.jsonl ------------------------------------------------------------
 
 def _scan_back(f, wanted: dict[str, bytes], start: int, end: int, block: int) -> dict[str, dict]:
-    """The last event per name in `wanted` among the complete lines of f[start:end], read backwards."""
+    """The last event per name in `wanted` among the complete lines of f[start:end], read backwards.
+
+    Only lines that are events of the current schema count (workbench.engine.events.current);
+    they are kept as stored, so that what upgrading needs from other lines can be added later.
+    """
     found: dict[str, dict] = {}
     carry = b""
     while end > start and len(found) < len(wanted):
@@ -113,7 +119,7 @@ def _scan_back(f, wanted: dict[str, bytes], start: int, end: int, block: int) ->
                     event = json.loads(raw)
                 except ValueError:
                     continue  # a line spoilt by a crash mid-write
-                if isinstance(event, dict):
+                if schema.current(event) is not None:
                     found[name] = event
         end = lo
     return found
@@ -132,13 +138,24 @@ def _complete_end(f, size: int) -> int:
     return 0
 
 
-def tail_events(path: str | Path, wanted: dict[str, bytes], block: int = 1 << 18) -> dict[str, dict]:
-    """For each name in `wanted`, the last event whose line contains its byte string.
+def tail_events(path: str | Path, wanted: dict[str, bytes], block: int = 1 << 18) -> dict[str, AnyEvent]:
+    """For each name in `wanted`, the last event whose line contains its byte string, as an event
+    of the current schema (an older run's upgraded: workbench.engine.events.current).
 
     The file is read backwards a block at a time and only matching lines are parsed.
     Results are remembered per file, so asking again (the TUI asks every second)
     reads only what was appended since: events.jsonl only ever grows.
     """
+    found = _tail_stored(path, wanted, block)
+    seen: dict[str, str] = {}
+    if any(schema.needs_context(e) for e in found.values()):  # an old run's: what its upgrade learns from
+        for e in _tail_stored(path, schema.V1_CONTEXT, block).values():
+            schema.current(e, seen)
+    return {name: schema.current(e, seen) for name, e in found.items()}
+
+
+def _tail_stored(path: str | Path, wanted: dict[str, bytes], block: int) -> dict[str, dict]:
+    """tail_events' search: the events as stored, remembered per file and `wanted`."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -203,29 +220,28 @@ def run_state(run_dir) -> str:
 
 
 def follow(run_dir, offset: int = 0, *, poll: float = 0.2, stop: Callable[[], bool] | None = None,
-           until_done: bool = False) -> Iterator[dict[str, Any]]:
-    """Every event from byte `offset` (the history), then new ones as the engine writes them.
+           until_done: bool = False) -> Iterator[AnyEvent]:
+    """Every event from byte `offset` (the history), then new ones as the engine writes them,
+    as events of the current schema (workbench.engine.events.EventReader).
 
     A torn last line is left until it is complete. With `until_done`, following
     ends once the engine is gone and everything it wrote has been read; `stop`
     (a callable) ends it early. The reader only reads the file: however slow it
     is, the engine never waits for it.
     """
-    path = _run(run_dir).events
+    reader = EventReader(_run(run_dir).events, offset)
     while True:
-        start = offset
-        events, offset = read_events(path, offset, max_bytes=FOLLOW_CHUNK)  # a long history in bounded memory
-        yield from events
+        start = reader.offset
+        yield from reader.read(max_bytes=FOLLOW_CHUNK)  # a long history in bounded memory
         if stop is not None and stop():
             return
-        if offset - start >= FOLLOW_CHUNK // 2:
+        if reader.offset - start >= FOLLOW_CHUNK // 2:
             continue  # more history to replay
         if until_done and not engine_alive(run_dir):
             while True:  # what it wrote just before it went
-                start = offset
-                events, offset = read_events(path, offset, max_bytes=FOLLOW_CHUNK)
-                yield from events
-                if offset == start:
+                start = reader.offset
+                yield from reader.read(max_bytes=FOLLOW_CHUNK)
+                if reader.offset == start:
                     return
         # Caught up: wait a beat even if events came, so a busy run is read in batches of
         # `poll` seconds rather than a line at a time (a reader's CPU is CPU the engine may need).
@@ -300,13 +316,19 @@ def _max_steps(run: RunDir) -> int | None:
         return None
 
 
+RUNNING = b'"state":"running"'  # the line of a running `state` event, which names the device
+
+
 def run_summary(run_dir) -> dict[str, Any]:
-    """name, path, state, step, max_steps, train/val loss, tokens/s, device and age of one run."""
+    """name, path, state, step, max_steps, train/val loss, tokens/s, device and age of one run.
+
+    The device is the one the last `running` state names; every value the run has not
+    reported yet is None.
+    """
     run = _run(run_dir)
     last = tail_events(run.events, {"state": of_type("state"), "step": of_type("step"), "eval": of_type("eval"),
-                                    "device": b'"message":"device: '})
-    step, ev, st = last.get("step", {}), last.get("eval", {}), last.get("state", {})
-    device = last.get("device", {}).get("message", "")[len("device: "):].split(",")[0] or None
+                                    "running": RUNNING})
+    step, ev, running = last.get("step"), last.get("eval"), last.get("running")
     try:
         updated = run.events.stat().st_mtime
     except OSError:
@@ -314,13 +336,13 @@ def run_summary(run_dir) -> dict[str, Any]:
     return {
         "name": run.name,
         "path": str(run.root),
-        "state": state_of(st, engine_alive(run), _engine_started(run)),
-        "step": step.get("step", st.get("step")),
-        "max_steps": step.get("max_steps") or _max_steps(run),
-        "train_loss": step.get("loss"),
-        "val_loss": ev.get("val_loss", ev.get("loss")),
-        "tokens_per_s": step.get("tokens_per_s", step.get("tok_per_s")),
-        "device": device,
+        "state": state_of(last.get("state"), engine_alive(run), _engine_started(run)),
+        "step": step["step"] if step else None,
+        "max_steps": step["max_steps"] if step else _max_steps(run),
+        "train_loss": step["loss"] if step else None,
+        "val_loss": ev["val_loss"] if ev else None,
+        "tokens_per_s": step["tokens_per_s"] if step else None,
+        "device": running.get("device") if running else None,
         "age_s": None if updated is None else max(0.0, time.time() - updated),
     }
 

@@ -1,7 +1,7 @@
 """The dashboard: one run, live. Curves, throughput, progress, system panel, log and samples.
 
 A thread worker follows the run's events.jsonl as toolong follows a log: replay from
-offset 0, then only the bytes appended since (`workbench.engine.events.read_events`). It folds
+offset 0, then only the bytes appended since (`workbench.engine.events.EventReader`). It folds
 events into a `RunHistory`, asks `workbench.engine.process.client.run_state` every second (so an engine
 that dies shows `crashed` within a second or two), and hands the UI thread a small
 downsampled snapshot; the UI thread only renders. Control keys send one request each
@@ -27,10 +27,10 @@ from textual.screen import Screen
 from textual.widgets import ContentSwitcher, Footer, Label, ProgressBar, RichLog, Static
 from textual.worker import get_current_worker
 
-from workbench.engine.events import read_events
+from workbench.engine import formatting as fmt
+from workbench.engine.events import Error, EventReader
 from workbench.engine.rundir import RunDir
-from workbench.history import HistoryView, RunHistory
-from workbench.widgets import format as fmt
+from workbench.history import HistoryView, RunHistory, checkpoint_name
 from workbench.widgets.plots import LossPlot
 from workbench.widgets.stats import StatRow
 from workbench.widgets.system import SystemPanel
@@ -46,7 +46,8 @@ LOG_STYLE = {"error": "bold red", "warning": "yellow", "state": "cyan", "checkpo
 
 def engine_state(run_dir: Path) -> str | None:
     """The run's state as the engine client judges it (a dead engine is `crashed`)."""
-    from workbench.engine.process import client  # no torch; imported here so a client problem is a notification, not a crash
+    # no torch; imported here so a client problem is a notification, not a crash
+    from workbench.engine.process import client
 
     return client.run_state(run_dir)
 
@@ -173,10 +174,10 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
         history = RunHistory()
         history.max_steps = config_max_steps(self.run)  # until the engine reports it
         path = self.run.events
-        offset = 0
+        reader = EventReader(path)
         catching_up = True        # replaying history: old errors are not news
         pending = True            # something to draw
-        live_errors: list[dict[str, Any]] = []
+        live_errors: list[Error] = []
         state: str | None = None
         next_state_check = last_draw = 0.0
         while not worker.is_cancelled:
@@ -185,14 +186,14 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
             except OSError:
                 size = 0
             # a bounded chunk at a time: a week-long history replays in steps of READ_CHUNK, not all at once
-            events, offset = read_events(path, offset, max_bytes=READ_CHUNK)
-            backlog = bool(events) and offset < size
+            events = reader.read(max_bytes=READ_CHUNK)
+            backlog = bool(events) and reader.offset < size
             history.ingest(events)
             pending |= bool(events)
             if not catching_up:
-                live_errors += [e for e in events if e.get("type") == "error"]
+                live_errors += [e for e in events if e["type"] == "error"]
             now = time.monotonic()
-            if any(e.get("type") == "state" for e in events):
+            if any(e["type"] == "state" for e in events):
                 next_state_check = 0.0  # the engine says its state changed: show it now, not up to a poll later
             if now >= next_state_check:
                 next_state_check = now + STATE_POLL_S
@@ -219,7 +220,7 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
     # ------------------------------------------------------------ rendering (UI thread)
 
     def _show_view(self, view: HistoryView, state: str | None, new_log: list[dict[str, Any]],
-                live_errors: list[dict[str, Any]], replay: bool) -> None:
+                   live_errors: list[Error], replay: bool) -> None:
         if not self.is_mounted:
             return
         self.view = view
@@ -227,11 +228,11 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
         self.query_one("#status", Label).update(self._status_text())
         latest = view.latest
         progress = self.query_one("#progress", ProgressBar)
-        max_steps = latest.get("max_steps") or view.max_steps
-        if isinstance(max_steps, int) and max_steps > 0:
-            progress.update(total=max_steps, progress=min(latest.get("step") or 0, max_steps))
-        eta = latest.get("eta_s") if self.state in ("starting", "running") else None
-        elapsed = latest.get("elapsed_s")
+        max_steps = latest["max_steps"] if latest else view.max_steps
+        if max_steps:
+            progress.update(total=max_steps, progress=min(latest["step"] if latest else 0, max_steps))
+        eta = latest["eta_s"] if latest and self.state in ("starting", "running") else None
+        elapsed = latest["elapsed_s"] if latest else None
         self.query_one("#eta", Label).update(
             "ETA on hold" if self.state == "paused" else f"ETA {fmt.duration(eta)}" if eta is not None
             else f"took {fmt.duration(elapsed)}" if elapsed else "")
@@ -244,7 +245,7 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
             log.write(self._log_line(entry))
         self._render_samples(view)
         for error in live_errors:
-            self.notify(str(error.get("message", "engine error")), title=f"{self.run.name}: error",
+            self.notify(error["message"], title=f"{self.run.name}: error",
                         severity="error", timeout=10)
         if previous is not None and self.state != previous and self.state != self._last_notified_state:
             self._last_notified_state = self.state
@@ -259,32 +260,29 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
         state = self.state or "unknown"
         text = Text.assemble(("● ", STATE_STYLE.get(state, "dim")), (state, STATE_STYLE.get(state, "dim")),
                              "  ", (self.run.name, "bold"))
-        if self.view is not None and self.view.latest:
-            step, max_steps = self.view.latest.get("step"), self.view.latest.get("max_steps") or self.view.max_steps
-            text.append(f"  step {step}" + (f"/{max_steps}" if max_steps else ""))
-            tokens = self.view.latest.get("tokens")
-            if tokens:
-                text.append(f" · {fmt.human(tokens)} tok", "dim")
+        latest = self.view.latest if self.view is not None else None
+        if latest:
+            text.append(f"  step {latest['step']}/{latest['max_steps']}")
+            if latest["tokens"]:
+                text.append(f" · {fmt.count(latest['tokens'])} tok", "dim")
         return text
 
     def _render_stats(self, view: HistoryView) -> None:
-        latest, recent = view.latest, view.recent
+        recent = view.recent
+        latest = view.latest or {}  # no step yet: every value n/a
         q = self.query_one
-        q("#stat-loss", StatRow).set(fmt.fixed(latest.get("loss"), 4), view.loss.tolist()[-120:])
-        val = view.last_eval
-        q("#stat-val", StatRow).set(fmt.fixed(val.get("val_loss"), 4), view.val_loss.tolist())
-        q("#stat-bpb", StatRow).set(fmt.fixed(val.get("val_bpb"), 4), view.val_bpb.tolist())
+        q("#stat-loss", StatRow).set(fmt.loss(latest.get("loss")), view.loss.tolist()[-120:])
+        # the newest eval's numbers: the last of every eval's (a NaN bpb, an eval without one, shows n/a)
+        q("#stat-val", StatRow).set(fmt.loss(_last(view.val_loss)), view.val_loss.tolist())
+        q("#stat-bpb", StatRow).set(fmt.loss(_last(view.val_bpb)), view.val_bpb.tolist())
         if view.checkpoints:
-            last = view.checkpoints[-1]
-            name = str(last.get("path", "")).rstrip("/").rsplit("/", 1)[-1] or f"step {last.get('step')}"
             saved = f"  ({len(view.checkpoints)} saved)"
-            q("#ckpt", Label).update(Text.assemble(("ckpt  ", "dim"), name, (saved, "dim")))
+            q("#ckpt", Label).update(Text.assemble(("ckpt  ", "dim"), checkpoint_name(view.checkpoints[-1]),
+                                                   (saved, "dim")))
         q("#stat-lr", StatRow).set(fmt.sci(latest.get("lr")), recent["lr"])
-        q("#stat-gnorm", StatRow).set(fmt.num(latest.get("grad_norm"), 3), recent["grad_norm"])
-        q("#stat-tps", StatRow).set(fmt.human(latest.get("tokens_per_s")), recent["tokens_per_s"])
-        mfu = latest.get("mfu")
-        q("#stat-mfu", StatRow).set(fmt.percent(mfu * 100 if isinstance(mfu, (int, float)) else None, 1),
-                                    [m * 100 for m in recent["mfu"]])
+        q("#stat-gnorm", StatRow).set(fmt.sig(latest.get("grad_norm")), recent["grad_norm"])
+        q("#stat-tps", StatRow).set(fmt.count(latest.get("tokens_per_s")), recent["tokens_per_s"])
+        q("#stat-mfu", StatRow).set(fmt.format_mfu(latest.get("mfu")), [m * 100 for m in recent["mfu"]])
 
     def _log_line(self, entry: dict[str, Any]) -> Text:
         t = entry.get("t")
@@ -297,11 +295,10 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
             return
         text = Text()
         for sample in reversed(view.samples[-5:]):
-            text.append(f"step {sample.get('step')}", "bold cyan")
-            prompt = str(sample.get("prompt") or "")
-            if prompt:
-                text.append(f"  {prompt!r}", "dim")
-            text.append("\n" + str(sample.get("text", "")).strip() + "\n\n")
+            text.append(f"step {sample['step']}", "bold cyan")
+            if sample["prompt"]:
+                text.append(f"  {sample['prompt']!r}", "dim")
+            text.append("\n" + sample["text"].strip() + "\n\n")
         self.query_one("#samples-text", Static).update(text)
 
     # ------------------------------------------------------------ actions
@@ -399,3 +396,7 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
                 "eval": "evaluation requested", "sample": "sample requested", "stop": "stopping (saving first)"}
         self.app.call_from_thread(self.notify, done.get(op, f"{op}: ok"), title=self.run.name, timeout=3)
         self._wake.set()  # look at the events right away
+
+
+def _last(values) -> float | None:
+    return float(values[-1]) if len(values) else None

@@ -21,8 +21,9 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 from textual.widgets.data_table import CellDoesNotExist, RowDoesNotExist
 
-from workbench.engine.events import read_events
 from workbench import engine_calls
+from workbench.engine import formatting as fmt
+from workbench.engine.events import read_events
 from workbench.messages import RunsChanged
 
 REFRESH_S = 1.0
@@ -47,24 +48,6 @@ Or press [b reverse] n [/] to set up a new run: your data, tokenizer, model and 
 """
 
 
-def human_count(x: float | None) -> str:
-    if x is None:
-        return "-"
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suffix}"
-    return f"{x:.0f}"
-
-
-def human_age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for div, suffix in ((86400, "d"), (3600, "h"), (60, "m")):
-        if seconds >= div:
-            return f"{seconds / div:.0f}{suffix}"
-    return f"{seconds:.0f}s"
-
-
 def last_error(events_path: Path, tail_bytes: int = 1 << 16) -> str | None:
     """The message of the run's last `error` event, from the end of its events.jsonl."""
     try:
@@ -75,7 +58,7 @@ def last_error(events_path: Path, tail_bytes: int = 1 << 16) -> str | None:
     events, _ = read_events(events_path, start)
     if start:
         events = events[1:]  # the first line read may be cut in half
-    messages = [e.get("message") for e in events if e.get("type") == "error"]
+    messages = [e["message"] for e in events if e["type"] == "error"]
     return messages[-1] if messages else None
 
 
@@ -102,17 +85,16 @@ def format_cells(run: dict[str, Any]) -> dict[str, Any]:
     """The table cells of one run summary (workbench.engine.process.client.run_summary)."""
     step = run.get("step")
     steps = "-" if step is None else f"{step}/{run['max_steps']}" if run.get("max_steps") else str(step)
-    loss = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     state = run.get("state") or "new"
     return {
         "name": run["name"],
         "state": Text(state, style=STATE_STYLE.get(state, "")),
         "step": Text(steps, justify="right"),
-        "train_loss": Text(loss(run.get("train_loss")), justify="right"),
-        "val_loss": Text(loss(run.get("val_loss")), justify="right"),
-        "tokens_per_s": Text(human_count(run.get("tokens_per_s")), justify="right"),
+        "train_loss": Text(fmt.loss(run.get("train_loss"), na="-"), justify="right"),
+        "val_loss": Text(fmt.loss(run.get("val_loss"), na="-"), justify="right"),
+        "tokens_per_s": Text(fmt.count(run.get("tokens_per_s"), na="-"), justify="right"),
         "device": short_device(run.get("device")),
-        "age": Text(human_age(run.get("age_s")), justify="right"),
+        "age": Text(fmt.duration(run.get("age_s"), parts=1, na="-"), justify="right"),
     }
 
 
@@ -195,7 +177,7 @@ data folder) and trains the tiny preset on whatever hardware there is.
                 self._offsets[events_path] = 0
             return []
         events, self._offsets[events_path] = read_events(events_path, offset)
-        return [e for e in events if e.get("type") == "error"]
+        return [e for e in events if e["type"] == "error"]
 
     def _show_runs(self, runs: list[dict[str, Any]], errors: dict[str, list[dict]]) -> None:
         table = self.query_one(DataTable)

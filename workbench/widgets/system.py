@@ -1,4 +1,4 @@
-"""CPU, RAM and per-GPU panel, fed from `system` events (every field may be missing)."""
+"""CPU, RAM and per-GPU panel, fed from `system` events (workbench.engine.events.System; readings may be None)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Label
 
+from workbench.engine import formatting as fmt
 from workbench.history import GpuView, HistoryView
-from workbench.widgets import format as fmt
 from workbench.widgets.stats import StatRow
 
 
@@ -29,17 +29,15 @@ class GpuRows(Vertical):
 
     def show(self, gpu: GpuView) -> None:
         g = gpu.latest
-        self.query_one(StatRow).set(fmt.percent(_get(g, "util_percent", "util")), gpu.util)
-        used, total = _get(g, "mem_used_bytes", "mem_used"), _get(g, "mem_total_bytes", "mem_total")
-        power, limit = _get(g, "power_w", "power"), _get(g, "power_limit_w", "power_limit")
-        temp = _get(g, "temp_c", "temp")
+        self.query_one(StatRow).set(fmt.percent(g["util_percent"]), gpu.util)
+        power, limit = g["power_w"], g["power_limit_w"]
         wide = self.size.width >= 40
-        if isinstance(power, (int, float)):
-            watts = f"{power:.0f}/{limit:.0f}W" if wide and isinstance(limit, (int, float)) else f"{power:.0f}W"
+        if fmt.is_number(power):
+            watts = f"{power:.0f}/{limit:.0f}W" if wide and fmt.is_number(limit) else f"{power:.0f}W"
         else:
-            watts = "n/a W"
-        parts = [f"mem {fmt.nbytes_pair(used, total)}",
-                 f"{temp:.0f}°C" if isinstance(temp, (int, float)) else "n/a °C", watts]
+            watts = f"{fmt.NA} W"
+        parts = [f"mem {fmt.nbytes_pair(g['mem_used_bytes'], g['mem_total_bytes'])}",
+                 f"{fmt.fixed(g['temp_c'], 0)}°C", watts]
         self.query_one(".gpu-detail", Label).update(" · ".join(parts))
 
 
@@ -55,16 +53,16 @@ class SystemPanel(Vertical):
 
     def compose(self) -> ComposeResult:
         yield StatRow("CPU", value_width=5, scale=(0, 100), id="cpu")
-        yield StatRow("RAM", value_width=11, scale=(0, 100), id="ram")
+        yield StatRow("RAM", value_width=13, scale=(0, 100), id="ram")
         yield Label("waiting for system stats", id="no-gpu")
 
     def show(self, view: HistoryView) -> None:
         s = view.system
-        if not s:
+        if s is None:
             return
-        self.query_one("#cpu", StatRow).set(fmt.percent(_get(s, "machine_cpu_percent", "cpu_percent")), view.cpu)
-        used, total = _get(s, "ram_used_bytes", "ram_used"), _get(s, "ram_total_bytes", "ram_total")
-        self.query_one("#ram", StatRow).set(fmt.nbytes_pair(used, total), view.ram)
+        # the machine's CPU use, 0-100 % of all its cores (the engine's own is process_cpu_percent)
+        self.query_one("#cpu", StatRow).set(fmt.percent(s["cpu_percent"]), view.cpu)
+        self.query_one("#ram", StatRow).set(fmt.nbytes_pair(s["ram_used_bytes"], s["ram_total_bytes"]), view.ram)
         if len(view.gpus) != self._gpu_count:
             self._gpu_count = len(view.gpus)
             self.query(GpuRows).remove()
@@ -76,12 +74,6 @@ class SystemPanel(Vertical):
             self._fill(view)
 
     def _fill(self, view: HistoryView) -> None:
-        for rows, gpu in zip(self.query(GpuRows), view.gpus):
+        for rows, gpu in zip(self.query(GpuRows), view.gpus, strict=False):  # new rows mount a refresh later
             rows.show(gpu)
 
-
-def _get(d: dict, *keys: str):
-    for key in keys:
-        if d.get(key) is not None:
-            return d[key]
-    return None
