@@ -26,6 +26,7 @@ from bench.prepare_speed import measure  # noqa: E402
 from workbench.engine import config as config_mod  # noqa: E402
 from workbench.engine.data.prepare import prepare  # noqa: E402
 from workbench.engine.events import read_events  # noqa: E402
+from workbench.engine.formatting import count  # noqa: E402
 from workbench.engine.run_setup import create_run  # noqa: E402
 from workbench.engine.train import train  # noqa: E402
 
@@ -70,7 +71,7 @@ def main() -> int:
     evals = [e for e in events if e["type"] == "eval"]
     steps = [e for e in events if e["type"] == "step"]
     seconds = time.monotonic() - start
-    print(f"{steps[-1]['step']} steps, {steps[-1]['tokens'] / 1e6:.2f}M tokens; config {args.config} "
+    print(f"{steps[-1]['step']} steps, {count(steps[-1]['tokens'])} tokens; config {args.config} "
           f"{' '.join(args.set)}")
     print(f"val_bpb={evals[-1]['val_bpb']:.3f} seconds={seconds:.0f}")
     return 0

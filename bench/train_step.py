@@ -45,7 +45,7 @@ import torch
 from bench.engine_overhead import prepare_data
 from workbench.engine import config as config_mod
 from workbench.engine.errors import WorkbenchError
-from workbench.engine.estimates import human
+from workbench.engine.formatting import count as human
 from workbench.engine.run_setup import create_run
 from workbench.engine.train import Trainer
 

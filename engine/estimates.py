@@ -129,11 +129,3 @@ def cpu_peak_flops(threads: int | None = None) -> float:
 def recommended_tokens(s: Shape) -> int:
     """Chinchilla's ~20 training tokens per parameter."""
     return 20 * param_count(s)
-
-
-def human(n: float, unit: str = "") -> str:
-    """1234567 -> '1.23M' (SI prefixes), for estimates shown to people."""
-    for div, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{suffix}{unit}"
-    return f"{n:.3g}{unit}"

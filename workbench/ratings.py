@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from workbench.engine import formatting as fmt
+
 SCHEMA_VERSION = 1
 VERDICTS = ("a", "b", "tie", "both_bad")
 VERDICT_LABELS = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad"}
@@ -105,7 +107,7 @@ def player_name(side: dict[str, Any]) -> str:
     name = str(side.get("checkpoint") or "?")
     settings = side.get("settings") or {}
     short = {"temperature": "T", "top_p": "p", "top_k": "k"}
-    parts = [f"{short[k]}{_fmt_num(settings[k])}" for k in short if settings.get(k) is not None]
+    parts = [f"{short[k]}{fmt.sig(settings[k], 6, na=str(settings[k]))}" for k in short if settings.get(k) is not None]
     return f"{name} {' '.join(parts)}" if parts else name
 
 
@@ -121,10 +123,6 @@ def namer(votes: list[dict[str, Any]]):
             settings_of.setdefault(str(side.get("checkpoint") or "?"), set()).add(player_name(side))
     return lambda side: (player_name(side) if len(settings_of.get(str(side.get("checkpoint") or "?"), ())) > 1
                          else str(side.get("checkpoint") or "?"))
-
-
-def _fmt_num(x: Any) -> str:
-    return f"{x:g}" if isinstance(x, (int, float)) else str(x)
 
 
 # ---------------------------------------------------------------- Bradley-Terry

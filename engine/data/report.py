@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from workbench.engine.formatting import nbytes
+
 _INPUT_LABELS = {
     "files_read": "files read",
     "files_skipped_binary": "files skipped: binary",
@@ -14,10 +16,6 @@ _INPUT_LABELS = {
     "jsonl_records": "JSONL records",
     "jsonl_malformed_lines": "JSONL lines malformed (skipped)",
 }
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.2f} MB"
 
 
 def add_token_estimates(report: dict) -> None:
@@ -37,7 +35,7 @@ def render_text(report: dict) -> str:
     for key, label in _INPUT_LABELS.items():
         if report["input"].get(key):
             lines.append(f"  {label:<38} {report['input'][key]:>12,}")
-    lines.append(f"  {'documents':<38} {report['input']['documents']:>12,}   {_mb(report['input']['bytes'])}")
+    lines.append(f"  {'documents':<38} {report['input']['documents']:>12,}   {nbytes(report['input']['bytes'])}")
     lines.append("")
     lines.append(f"  {'':<24} {'documents':>10} {'bytes':>14} {'tokens':>14}")
     k = report["kept"]
@@ -53,14 +51,15 @@ def render_text(report: dict) -> str:
     t = report["tokenizer"]
     lines.append("")
     reused = report.get("settings", {}).get("tokenizer_from")
-    origin = f"reused from {reused}" if reused else f"trained on {_mb(t['sample_bytes'])}"
+    origin = f"reused from {reused}" if reused else f"trained on {nbytes(t['sample_bytes'])}"
     lines.append(f"tokenizer: SentencePiece {t['model_type']}, vocab {t['vocab_size']:,}, "
                  f"{origin}, {t['bytes_per_token']:.3f} bytes per token")
     asked = report.get("settings", {}).get("vocab_size", t["vocab_size"])
     if t["vocab_size"] < asked and not reused:
         lines.append(f"  (vocab {asked:,} was asked for: the corpus is too small to learn that many pieces)")
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.get("stage_seconds", {}).items())
-    lines.append(f"time: {report['seconds']:.1f} s ({report['mb_per_s']:.2f} MB/s of input; {stages})")
+    rate = nbytes(report["input"]["bytes"] / max(report["seconds"], 1e-9))
+    lines.append(f"time: {report['seconds']:.1f} s ({rate}/s of input; {stages})")
     lines.append("(~ tokens of dropped documents are estimated from bytes per token)")
     lines += chat_lines(report)
     return "\n".join(lines) + "\n"

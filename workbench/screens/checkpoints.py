@@ -24,7 +24,7 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, DataTable, Footer, Header, Input, Static
 
 from workbench.engine import checkpoint
-from workbench.engine.estimates import human
+from workbench.engine import formatting as fmt
 from workbench.engine.rundir import RunDir
 from workbench import engine_calls
 from workbench.screens.new_run import RUN_NAME, field
@@ -33,28 +33,20 @@ COLUMNS = (("name", "Checkpoint"), ("step", "Step"), ("tokens", "Tokens"), ("val
            ("val_bpb", "BPB"), ("size", "Size"), ("date", "Saved"))
 
 
-def human_bytes(n: float) -> str:
-    for div, unit in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
 def read_checkpoints(run_dir: Path) -> list[dict[str, Any]]:
     return checkpoint.summaries(RunDir.at(run_dir))
 
 
 def format_row(row: dict[str, Any]) -> list[Any]:
     tags = (" [b]latest[/b]" if row["latest"] else "") + (" [green]best[/green]" if row.get("best") else "")
-    num = lambda v, f: Text("-" if v is None else format(v, f), justify="right")  # noqa: E731
-    tokens = row["tokens"]
+    right = lambda text: Text(text, justify="right")  # noqa: E731
     return [
         Text.from_markup(row["name"] + tags),
-        num(row["step"], ","),
-        Text("-" if tokens is None else human(tokens), justify="right"),
-        num(row["val_loss"], ".4f"),
-        num(row["val_bpb"], ".4f"),
-        Text(human_bytes(row["size"]), justify="right"),
+        right(f"{row['step']:,}"),
+        right(fmt.count(row["tokens"], na="-")),
+        right(fmt.loss(row["val_loss"], na="-")),
+        right(fmt.loss(row["val_bpb"], na="-")),
+        right(fmt.nbytes(row["size"])),
         datetime.fromtimestamp(row["saved_at"]).strftime("%m-%d %H:%M"),
     ]
 
@@ -129,7 +121,7 @@ by val loss). **BPB** is validation bits per byte, comparable across tokenizers.
         self.query_one("#ckpt-empty").display = not rows
         total = sum(r["size"] for r in rows)
         self.query_one("#ckpt-status", Static).update(
-            f" {self.run_dir.name}: {state} · {len(rows)} checkpoint{'s' * (len(rows) != 1)} · {human_bytes(total)}")
+            f" {self.run_dir.name}: {state} · {len(rows)} checkpoint{'s' * (len(rows) != 1)} · {fmt.nbytes(total)}")
         if (state, len(rows)) != self._bindings_key:  # the footer depends on these; redraw only on change
             self._bindings_key = (state, len(rows))
             self.refresh_bindings()

@@ -29,6 +29,7 @@ from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Label, ProgressBar, Select, Static
 
 from workbench.engine import estimates
+from workbench.engine import formatting as fmt
 from workbench.engine.config import RunConfig, from_dict, load, preset_names, to_toml
 from workbench.engine.errors import WorkbenchError
 from workbench import engine_calls
@@ -71,16 +72,6 @@ LABELS = {
 
 def field(label: str, widget: Widget) -> Horizontal:
     return Horizontal(Label(label), widget, classes="field")
-
-
-def human_time(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
 
 
 def unique_run_name(runs_root: Path, stem: str) -> str:
@@ -158,9 +149,9 @@ def report_table(report: dict[str, Any]) -> Table:
     table = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold")
     table.add_column("")
     table.add_column("docs", justify="right")
-    table.add_column("MB", justify="right")
+    table.add_column("size", justify="right")
     table.add_column("tokens", justify="right")
-    mb = lambda b: f"{(b or 0) / 1e6:.2f}"  # noqa: E731
+    mb = lambda b: fmt.nbytes(b or 0)  # noqa: E731
     kept = report.get("kept", {})
     table.add_row("[green]kept[/]", f"{kept.get('documents', 0):,}", mb(kept.get("bytes")),
                   f"{kept.get('tokens', 0):,}")
@@ -246,7 +237,7 @@ class PreparePanel(Vertical):
         else:
             bar.update(total=1.0, progress=float(fraction))
         done = "" if fraction is None else f"{fraction:4.0%} "
-        count.update(f"{done}{update.get('docs', 0):,} docs {update.get('bytes', 0) / 1e6:.1f} MB")
+        count.update(f"{done}{update.get('docs', 0):,} docs {fmt.nbytes(update.get('bytes', 0))}")
 
     @on(PrepareFinished)
     def _finished(self, message: PrepareFinished) -> None:
@@ -486,12 +477,12 @@ Set up a run top to bottom, then **ctrl+s** to start it in a detached engine.
         t = Table(box=None, padding=(0, 1), show_header=False, title="[b]Estimates[/b]", title_justify="left")
         t.add_column(style="dim")
         t.add_column(justify="right")
-        t.add_row("parameters", estimates.human(params))
-        t.add_row("FLOPs / token", estimates.human(fpt))
-        t.add_row("train memory", estimates.human(memory, "B"))
+        t.add_row("parameters", fmt.count(params))
+        t.add_row("FLOPs / token", fmt.count(fpt))
+        t.add_row("train memory", fmt.nbytes(memory))
         t.add_row("tokens / step", f"{tokens_per_step:,}")
-        t.add_row("planned tokens", estimates.human(planned))
-        t.add_row("20 tokens/param", estimates.human(recommended))
+        t.add_row("planned tokens", fmt.count(planned))
+        t.add_row("20 tokens/param", fmt.count(recommended))
         t.add_row("  = steps", f"{-(-recommended // tokens_per_step):,}")
         t.add_row("planned / that", f"{planned / recommended:.0%}")
         if hw is None:
@@ -506,8 +497,8 @@ Set up a run top to bottom, then **ctrl+s** to start it in a detached engine.
                 flops, how = estimates.cpu_peak_flops() * 0.25, "est. 25% of CPU peak"
         tps = flops / fpt
         t.add_row("device", (hw.name if cfg.train.device != "cpu" else "cpu")[:18])
-        t.add_row("throughput", f"{estimates.human(tps)} tok/s")
-        t.add_row("time", f"[b]{human_time(planned / tps)}[/b]")
+        t.add_row("throughput", f"{fmt.count(tps)} tok/s")
+        t.add_row("time", f"[b]{fmt.duration(planned / tps, parts=1)}[/b]")
         t.caption, t.caption_justify = f"throughput {how}", "left"
         return t
 
@@ -524,7 +515,7 @@ Set up a run top to bottom, then **ctrl+s** to start it in a detached engine.
         tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.seq_len
         epochs = tokens_per_step * cfg.train.max_steps / train_tokens if train_tokens else 0
         return (f"\n[b]Data[/b]\n{path}: [green]prepared[/green]\n"
-                f"{estimates.human(train_tokens)} train tokens, {tok.get('bytes_per_token', 0):.2f} B/token\n"
+                f"{fmt.count(train_tokens)} train tokens, {tok.get('bytes_per_token', 0):.2f} B/token\n"
                 f"vocab {tok.get('vocab_size', '?')} · plan = {epochs:{'.2g' if epochs < 10 else ',.0f'}} epochs")
 
     # -------------------------------------------------------------- actions

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from textual_plotext import PlotextPlot
 
+from workbench.engine.formatting import count
 from workbench.history import HistoryView
-from workbench.widgets.format import human
 
 
 def ema(values: np.ndarray, beta: float) -> np.ndarray:
@@ -76,4 +76,4 @@ class LossPlot(PlotextPlot):
             # plotext would print 150.5 steps and 1200000.0 tokens; say 150 and 1.2M
             low, high = float(xs.min()), float(xs.max())
             ticks = sorted({round(t) for t in np.linspace(low, high, 5)})
-            plt.xticks(ticks, [human(t) for t in ticks])
+            plt.xticks(ticks, [count(t) for t in ticks])
