@@ -24,8 +24,8 @@ from workbench.engine.process import client
 from workbench.engine.events import EventWriter, read_events
 from workbench.engine.process.server import MAX_REQUEST_BYTES, ControlServer, RequestError, parse_request
 from engine_helpers import cli_env, workbench
-
 from event_fixtures import complete, fields
+
 HOLDER = """
 import sys, time
 from workbench.engine.process.host import EngineLock
@@ -141,8 +141,8 @@ def test_follow_replays_history_then_live_events_and_waits_out_a_torn_line(tmp_p
         time.sleep(0.01)
     assert [e["step"] for e in got] == [1, 2, 3]  # the history
 
-    with open(run / "events.jsonl", "ab") as f:  # the engine half way through writing a line
     line = json.dumps(complete({"type": "step", "step": 4, "loss": 0.5}), separators=(",", ":")).encode()
+    with open(run / "events.jsonl", "ab") as f:  # the engine half way through writing a line
         f.write(line[:30])
         f.flush()
         time.sleep(0.15)
@@ -251,7 +251,6 @@ def test_list_runs_and_ls(tmp_path, holders):
     assert missing.returncode == 2 and missing.stderr == f"error: no runs folder at {tmp_path / 'nowhere'}\n"
 
 
-def test_requests_without_an_engine_fail_in_one_clear_line(tmp_path):
 def test_ls_shows_the_device_of_the_last_running_state_not_log_text(tmp_path):
     root = tmp_path / "runs"
     run = make_run(root, "moved", max_steps=20)
@@ -272,6 +271,7 @@ def test_ls_shows_the_device_of_the_last_running_state_not_log_text(tmp_path):
     assert client.run_summary(never_ran)["device"] is None
 
 
+def test_requests_without_an_engine_fail_in_one_clear_line(tmp_path):
     run = make_run(tmp_path)
     emit(run, "state", state="running")
     with pytest.raises(client.EngineNotRunning, match=r"no engine is running for .* \(state: crashed\)"):
