@@ -13,7 +13,7 @@ Shapes: B batch, T time, C d_model, H query heads, K key/value heads, D head siz
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -85,7 +85,8 @@ class Attention(nn.Module):
             # Query i (at position pos+i) sees keys 0..pos+i; is_causal would align the mask top-left.
             start = cache.pos
             k, v = cache.update(layer, k, v)
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            # One new token (every decoding step) sees every cached key: no mask to build.
+            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -210,12 +211,18 @@ class GPT(nn.Module):
         x = torch.tensor([ids[fed:]], dtype=torch.long, device=device)
         return F.linear(self.hidden(x, cache)[:, -1], self.output_weight).float()
 
-    @torch.no_grad()
     def generate(self, prompt: list[int], max_tokens: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, stop_ids: Iterable[int] = (), seed: int | None = None,
                  use_cache: bool = True) -> list[int]:
         """Sample up to `max_tokens` tokens after `prompt`; stop early at any of `stop_ids`
         (not included in the result). temperature 0 is greedy. Same seed, same output."""
+        return list(self.stream(prompt, max_tokens, temperature, top_k, top_p, stop_ids, seed, use_cache))
+
+    @torch.no_grad()
+    def stream(self, prompt: list[int], max_tokens: int, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, stop_ids: Iterable[int] = (), seed: int | None = None,
+               use_cache: bool = True) -> Iterator[int]:
+        """`generate`, one token id at a time as each is sampled (the warm chat service streams these)."""
         if not prompt:
             raise ValueError("generate needs at least one prompt token (usually <|bos|>)")
         device = self.wte.weight.device
@@ -225,7 +232,7 @@ class GPT(nn.Module):
         else:
             gen.manual_seed(seed)
         stop = set(stop_ids)
-        ids, out = list(prompt), []
+        ids = list(prompt)
         cache = KVCache(self.cfg.n_layer, self.cfg.seq_len) if use_cache else None
         fed = 0
         for _ in range(max_tokens):
@@ -233,10 +240,9 @@ class GPT(nn.Module):
             fed = len(ids)
             token = sample_token(logits, temperature, top_k, top_p, gen)
             if token in stop:
-                break
+                return
             ids.append(token)
-            out.append(token)
-        return out
+            yield token
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

@@ -21,6 +21,8 @@ COMMANDS = {
     "prepare": ("workbench.engine.cli.prepare", "clean, filter, dedup and tokenize text into token shards"),
     "train": ("workbench.engine.cli.train", "train a model (or --resume a run, or --init-from a checkpoint)"),
     "sample": ("workbench.engine.cli.sample", "generate text from a run's checkpoint"),
+    "chat": ("workbench.engine.cli.chat", "multi-turn chat with a run's checkpoint, streamed (a pipe: JSON lines)"),
+    "serve": ("workbench.engine.cli.serve", "a warm chat service: the run's socket, and an OpenAI-compatible API"),
     "eval": ("workbench.engine.cli.eval", "validation loss, perplexity, bits per byte and the worst documents"),
     "quickstart": ("workbench.engine.cli.quickstart", "prepare the built-in corpus and train a tiny model"),
     "ls": ("workbench.engine.cli.runs", "list runs with state, step, losses, tokens/s, device and age"),
