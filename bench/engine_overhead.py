@@ -39,9 +39,9 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from workbench.engine.process import client  # noqa: E402
 from workbench.engine import config as config_mod  # noqa: E402
 from workbench.engine.events import read_events  # noqa: E402
+from workbench.engine.process import client  # noqa: E402
 from workbench.engine.process.spawn import spawn_detached  # noqa: E402
 from workbench.engine.run_setup import create_run  # noqa: E402
 
@@ -88,8 +88,9 @@ class Engine:
     pid: int = 0
     readers: list = field(default_factory=list)
 
-    def start(self, data: Path, threads: int) -> "Engine":
-        self.pid = spawn_detached(create_run(self.run, bench_config(data, threads)), stats_interval=1.0 if self.watched else 0)
+    def start(self, data: Path, threads: int) -> Engine:
+        run = create_run(self.run, bench_config(data, threads))
+        self.pid = spawn_detached(run, stats_interval=1.0 if self.watched else 0)
         if self.watched:
             env = dict(os.environ, PYTHONPATH=str(REPO))
             self.readers = [subprocess.Popen([sys.executable, "-m", "workbench.cli", "attach", str(self.run),

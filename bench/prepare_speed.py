@@ -49,7 +49,7 @@ class Variations:
         parts = re.split(r"(\s+)", text)  # words at even positions, whitespace between
         words = np.arange(0, len(parts), 2)
         chosen = words[self.rng.random(len(words)) < rate]
-        for i, w in zip(chosen, self.rng.choice(self.vocab, size=len(chosen))):
+        for i, w in zip(chosen, self.rng.choice(self.vocab, size=len(chosen)), strict=True):
             parts[i] = str(w)
         return "".join(parts)
 

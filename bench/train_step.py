@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import itertools
 import statistics
 import sys
 import tempfile
@@ -95,8 +96,8 @@ def timed_steps(trainer: Trainer, steps: int) -> tuple[list[float], float]:
             loss = checked_step(trainer)
     if cuda:
         marks[-1].synchronize()
-        return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])], loss
-    return [(b - a) * 1000 for a, b in zip(marks, marks[1:])], loss
+        return [a.elapsed_time(b) for a, b in itertools.pairwise(marks)], loss
+    return [(b - a) * 1000 for a, b in itertools.pairwise(marks)], loss
 
 
 def checked_step(trainer: Trainer) -> float:

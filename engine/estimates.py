@@ -9,8 +9,8 @@ forward+backward, plus 12 * n_layer * d_model * seq_len for attention scores.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 # Dense (no sparsity) peak TFLOP/s by device, bf16 tensor cores and plain fp32.
 # Matched by substring of the device name, first match wins (so "H100 PCIe" precedes "H100").
@@ -56,7 +56,7 @@ class Shape:
     tie_embeddings: bool = True
 
     @classmethod
-    def of(cls, model_cfg, vocab_size: int | None = None) -> "Shape":
+    def of(cls, model_cfg, vocab_size: int | None = None) -> Shape:
         return cls(model_cfg.n_layer, model_cfg.n_head, model_cfg.d_model, model_cfg.seq_len,
                    vocab_size or model_cfg.vocab_size, model_cfg.n_kv_head, model_cfg.d_ff,
                    model_cfg.tie_embeddings)

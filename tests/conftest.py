@@ -47,9 +47,10 @@ def other_tokenizer_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tiny_data, tmp_path_factory) -> Path:
     """A finished 20-step run of the tiny test model (checkpoints at steps 10 and 20). Copy it before changing it."""
-    from workbench.engine.train import train
-    from workbench.engine.run_setup import create_run
     from engine_helpers import tiny_config
+
+    from workbench.engine.run_setup import create_run
+    from workbench.engine.train import train
 
     run = tmp_path_factory.mktemp("trained") / "run"
     assert train(create_run(run, tiny_config(tiny_data)), echo=None) == "finished"

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_helpers import cli_env
 
 from workbench.engine import checkpoint
 from workbench.engine.config import ModelConfig
 from workbench.engine.errors import CheckpointError
 from workbench.engine.model import GPT
 from workbench.engine.rundir import RunDir
-from engine_helpers import cli_env
 from workbench.kernels import select
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -59,9 +59,9 @@ def test_round_trip_model_optimizer_and_rng(tmp_path):
     fresh_opt = torch.optim.AdamW(fresh.param_groups(0.1), lr=1e-2)
     state = checkpoint.load_model(path, fresh, "a" * 64)
     checkpoint.load_optimizer(path, fresh, fresh_opt, state)
-    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    for p, q in zip(model.parameters(), fresh.parameters()):
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(opt.state[p][key], fresh_opt.state[q][key])
     # One more step from both gives the same weights: the optimizer state is complete.
@@ -69,7 +69,7 @@ def test_round_trip_model_optimizer_and_rng(tmp_path):
     for m, o in ((model, opt), (fresh, fresh_opt)):
         m(x, y).mean().backward()
         o.step()
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
 
     # RNG states: restoring replays the same random numbers everywhere.
     rng = checkpoint.capture_rng()
@@ -172,7 +172,7 @@ def test_kill_9_during_saves_never_leaves_a_visible_partial_checkpoint(tmp_path)
     run = RunDir.at(tmp_path / "run")
     rng = random.Random(0)
     start = 0
-    for attempt in range(2):
+    for _attempt in range(2):
         proc = subprocess.Popen([sys.executable, "-c", script, str(start)], env=cli_env(), stdout=subprocess.PIPE,
                                 text=True)
         assert proc.stdout.readline().strip() == "ready"

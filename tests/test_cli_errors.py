@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from engine_helpers import tiny_raw, workbench, write_toml
 
 
@@ -63,7 +62,8 @@ def test_bad_overrides_and_missing_things(tiny_data, tmp_path):
     assert_one_line_error(workbench("train", "--data", tiny_data, "--run", run), "give a CONFIG file")
     assert_one_line_error(workbench("train", config, "--data", tiny_data, "--run", run, "--max-steps", "0"),
                           "--max-steps must be positive")
-    assert_one_line_error(workbench("train", config, "--data", tiny_data, "--run", run, "--set", "model.seq_len=999999"),
+    assert_one_line_error(workbench("train", config, "--data", tiny_data, "--run", run,
+                                    "--set", "model.seq_len=999999"),
                           "not more than model.seq_len 999999")
     assert_one_line_error(workbench("train", "--resume", tmp_path / "no-run"), "no run at")
     assert not run.exists()

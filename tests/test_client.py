@@ -19,16 +19,17 @@ import time
 from pathlib import Path
 
 import pytest
-
-from workbench.engine.process import client
-from workbench.engine.events import EventWriter, read_events
-from workbench.engine.process.server import MAX_REQUEST_BYTES, ControlServer, RequestError, parse_request
 from engine_helpers import cli_env, workbench
 from event_fixtures import complete, fields
 
+from workbench.engine.events import EventWriter, read_events
+from workbench.engine.process import client
+from workbench.engine.process.ops import RequestError, parse_request
+from workbench.engine.process.server import MAX_REQUEST_BYTES, ControlServer
+
 HOLDER = """
 import sys, time
-from workbench.engine.process.host import EngineLock
+from workbench.engine.process.lock import EngineLock
 from workbench.engine.rundir import RunDir
 EngineLock(RunDir.at(sys.argv[1])).acquire()
 print("locked", flush=True)
@@ -73,8 +74,10 @@ def emit(run: Path, kind: str, **given) -> None:
 
 
 def test_client_and_cli_views_import_no_torch():
-    code = ("import sys, workbench.engine.process.client, workbench.engine.process.server, workbench.engine.cli.attach, workbench.engine.cli.runs, workbench.engine.cli.control, "
-            "workbench.engine.sysstats, workbench.engine.process.host; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    modules = ("workbench.engine.process.client, workbench.engine.process.server, workbench.engine.cli.attach, "
+               "workbench.engine.cli.runs, workbench.engine.cli.control, workbench.engine.sysstats, "
+               "workbench.engine.process.host, workbench.engine.process.spawn")
+    code = f"import sys, {modules}; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "torch" not in out.stdout

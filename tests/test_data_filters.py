@@ -4,8 +4,8 @@ import random
 
 import numpy as np
 import pytest
-
 from data_corpus import document
+
 from workbench.engine.data.clean import clean_text
 from workbench.engine.data.dedup import NearDedup, digest, shingle_hashes
 from workbench.engine.data.filters import QualityFilter, alpha_fraction, dup_line_fraction

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from data_corpus import document, write_corpus
-from workbench.engine.data.prepare import prepare
+
 from workbench.engine.data.dataset import Dataset
+from workbench.engine.data.prepare import prepare
 from workbench.engine.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +208,8 @@ def test_kill_9_mid_prepare_leaves_the_old_dataset_whole(tmp_path):
     old = (out / "train.bin").read_bytes()
     big = write_corpus(tmp_path / "big", n_docs=3000, seed=2)  # a few seconds of work
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-m", "workbench.engine", "prepare", "--source", str(big), "--out", str(out),
+    child = subprocess.Popen([sys.executable, "-m", "workbench.engine", "prepare", "--source", str(big),
+                              "--out", str(out),
                               "--force", "--vocab-size", "320", "--quiet", "--progress-json"],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
     first = json.loads(child.stdout.readline())  # it is under way

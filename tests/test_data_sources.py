@@ -35,7 +35,7 @@ def test_big_text_file_is_cut_at_paragraph_boundaries(tmp_path):
     # source names the first line of each document
     first_lines = [int(src.rsplit(":", 1)[1]) for src, _ in docs]
     lines = "\n".join(paragraphs).split("\n")
-    for (src, text), line_no in zip(docs, first_lines):
+    for (_src, text), line_no in zip(docs, first_lines, strict=True):
         assert lines[line_no - 1] == text.split("\n")[0]
 
 

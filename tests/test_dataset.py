@@ -5,11 +5,11 @@ import shutil
 
 import numpy as np
 import pytest
-
 from data_corpus import make_dataset
+
 from workbench.engine.data.dataset import Dataset
-from workbench.engine.errors import DataError
 from workbench.engine.data.shards import HEADER_BYTES
+from workbench.engine.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_val_docs_describe_val_bin_exactly(prepared):
     assert ds.val_docs[0, 0] == 0
     assert (ds.val_docs[1:, 0] == ds.val_docs[:-1, 0] + ds.val_docs[:-1, 1]).all()
     assert (ds.val == ds.tokenizer.bos_id).sum() == len(ds.val_docs)
-    for (start, count, nbytes), meta in zip(ds.val_docs, ds.val_sources()):
+    for (start, count, nbytes), meta in zip(ds.val_docs, ds.val_sources(), strict=True):
         tokens = ds.val[start : start + count]
         assert tokens[0] == ds.tokenizer.bos_id
         assert ds.token_bytes[tokens].sum() == nbytes

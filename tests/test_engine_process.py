@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import stat
@@ -18,23 +19,22 @@ import subprocess
 import sys
 import threading
 import time
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import cli_env, events_of, tiny_config, tiny_raw, wait_for, workbench, write_toml
 from safetensors.torch import load_file
 
-from workbench.engine.process import client
 from workbench.engine import config as config_mod
 from workbench.engine.errors import WorkbenchError
 from workbench.engine.events import read_events
+from workbench.engine.process import client
 from workbench.engine.process.lock import EngineLock
 from workbench.engine.process.spawn import spawn_detached
 from workbench.engine.run_setup import create_run
 from workbench.engine.rundir import RunDir
 from workbench.engine.train import train
-from engine_helpers import cli_env, events_of, tiny_config, tiny_raw, wait_for, workbench, write_toml
 
 
 def last_step(run: Path) -> int:

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from engine_helpers import events_of, workbench
 
 from workbench.engine.checkpoint import open_run_model
 from workbench.engine.evaluate import evaluate, summarize, token_losses, val_windows, worst_documents
-from engine_helpers import events_of, workbench
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import events_of, step_losses, tiny_config, tiny_raw, workbench, workbench_popen, write_toml
 from safetensors.torch import load_file
 
 from workbench.engine import checkpoint
 from workbench.engine.control import StopAt
+from workbench.engine.run_setup import create_run
 from workbench.engine.rundir import RunDir
 from workbench.engine.train import train
-from workbench.engine.run_setup import create_run
-from engine_helpers import events_of, step_losses, tiny_config, tiny_raw, workbench, workbench_popen, write_toml
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -57,8 +57,8 @@ def test_stop_and_resume_is_exact(tiny_data, tmp_path):
     got = resumed_losses(split)
     assert sorted(got) == list(range(12, 25))
     assert got == {s: want[s] for s in got}  # bit-identical floats
-    assert {s: l for s, l in step_losses(split).items() if s <= 11} == {s: want[s] for s in range(1, 12)}
-    for a, b in zip(final_tensors(straight), final_tensors(split)):
+    assert {s: loss for s, loss in step_losses(split).items() if s <= 11} == {s: want[s] for s in range(1, 12)}
+    for a, b in zip(final_tensors(straight), final_tensors(split), strict=True):
         assert_identical(a, b)
     assert checkpoint.read_state(RunDir.at(split).latest_checkpoint())["tokens"] == 24 * 4 * 32
     # The samples at the same steps are the same text too.
@@ -71,7 +71,7 @@ def test_kill_9_then_resume_is_exact(tiny_data, tmp_path):
                    checkpoint={"interval": 20, "keep_last": 2})
     config = write_toml(tmp_path / "c.toml", raw)
     straight = tmp_path / "straight"
-    assert train(create_run(straight, tiny_config(tiny_data, **{k: v for k, v in raw.items()})), echo=None) == "finished"
+    assert train(create_run(straight, tiny_config(tiny_data, **raw)), echo=None) == "finished"
 
     run = tmp_path / "killed"
     proc = workbench_popen("train", config, "--data", tiny_data, "--run", run)
@@ -97,7 +97,7 @@ def test_kill_9_then_resume_is_exact(tiny_data, tmp_path):
     got = resumed_losses(run)
     assert sorted(got) == list(range(resumed_from + 1, 241))
     assert got == {s: want[s] for s in got}
-    for a, b in zip(final_tensors(straight), final_tensors(run)):
+    for a, b in zip(final_tensors(straight), final_tensors(run), strict=True):
         assert_identical(a, b)
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no leftovers
 
@@ -127,7 +127,8 @@ def test_init_from_fine_tunes_into_a_new_run(trained_run, tiny_data, tmp_path):
     assert losses[1] < base_final + 0.3 < math.log(400) - 0.5
     state = checkpoint.read_state(RunDir.at(tuned).latest_checkpoint())
     assert state["config"]["optim"]["lr"] == 1e-3 and state["step"] == 5
-    assert state["config"]["model"] == checkpoint.read_state(RunDir.at(trained_run).latest_checkpoint())["config"]["model"]
+    source = checkpoint.read_state(RunDir.at(trained_run).latest_checkpoint())
+    assert state["config"]["model"] == source["config"]["model"]
     assert "initialised weights from" in result.stdout
     # The source run was not touched.
     assert sorted(p.name for p in (trained_run / "checkpoints").iterdir()) == before

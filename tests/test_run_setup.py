@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from engine_helpers import events_of, tiny_config, wait_for, workbench, write_toml, tiny_raw
+from engine_helpers import events_of, tiny_config, tiny_raw, wait_for, workbench, write_toml
 
 from workbench.engine import config as config_mod
 from workbench.engine.errors import ConfigError
 from workbench.engine.process import client
 from workbench.engine.process.spawn import spawn_detached
-from workbench.engine.rundir import RunDir
 from workbench.engine.run_setup import check_resume, create_run
+from workbench.engine.rundir import RunDir
 from workbench.engine.train import train
 
 

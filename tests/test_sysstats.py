@@ -6,10 +6,10 @@ import time
 
 import pynvml
 import pytest
+from engine_helpers import wait_for
 
 from workbench.engine.events import EventWriter, read_events
 from workbench.engine.sysstats import SystemSampler, gpu_stats, open_nvml
-from engine_helpers import wait_for
 
 
 def test_sampler_writes_system_events_at_its_interval(tmp_path):

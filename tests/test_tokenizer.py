@@ -4,10 +4,10 @@ import random
 
 import numpy as np
 import pytest
-
 from data_corpus import document
-from workbench.engine.errors import DataError
+
 from workbench.engine.data.tokenizer import SPECIAL_TOKENS, Tokenizer, chat_format, train_tokenizer
+from workbench.engine.errors import DataError
 
 TRICKY = [
     "Hello\n\nworld\n",

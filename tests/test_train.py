@@ -9,15 +9,15 @@ import time
 import numpy as np
 import pytest
 import torch
+from engine_helpers import events_of, step_losses, tiny_config, tiny_raw, workbench, workbench_popen, write_toml
+from event_fixtures import complete, fields
 
 from workbench.engine import checkpoint
 from workbench.engine.control import Control, StopAt
-from workbench.engine.rundir import RunDir
 from workbench.engine.formatting import format_event
 from workbench.engine.run_setup import create_run
+from workbench.engine.rundir import RunDir
 from workbench.engine.train import get_batch, lr_at, train
-from engine_helpers import events_of, step_losses, tiny_config, tiny_raw, workbench, workbench_popen, write_toml
-from event_fixtures import complete, fields
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

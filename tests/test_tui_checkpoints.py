@@ -14,11 +14,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_helpers import tiny_raw, workbench, write_toml  # noqa: E402
+from textual.widgets import DataTable, Input  # noqa: E402
 from workbench_pilot import notifications, run_app, table_rows, wait_for  # noqa: E402
 
 from workbench.engine.process import client  # noqa: E402
 from workbench.engine.rundir import RunDir  # noqa: E402
-from textual.widgets import DataTable, Input  # noqa: E402
 from workbench.screens.checkpoints import CheckpointsScreen, ForkScreen  # noqa: E402
 
 

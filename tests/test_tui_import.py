@@ -56,9 +56,9 @@ def test_no_torch_in_the_tui_process_on_any_screen(tmp_path):
             return seen
 
         seen = asyncio.run(main())
-        loaded = sorted(m for m in sys.modules if m.split(".")[0] in %r)
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
         print(json.dumps({"seen": seen, "loaded": loaded}))
-    """ % (FORBIDDEN,), tmp_path)
+    """.replace("FORBIDDEN", repr(FORBIDDEN)), tmp_path)
     assert result["seen"] == ["NewRunScreen", "CheckpointsScreen", "ConfirmScreen", "HelpScreen",
                               "DashboardScreen", "RatingScreen", "LeaderboardScreen"]
     assert result["loaded"] == []

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workbench_pilot import notifications, run_app, wait_for, write_corpus, write_events  # noqa: E402
-
-from workbench.engine.process import client  # noqa: E402
-from workbench.engine.estimates import Shape, param_count  # noqa: E402
-from workbench.engine.formatting import count as human  # noqa: E402
 from rich.text import Text  # noqa: E402
 from textual.widgets import Input, Select, Static  # noqa: E402
+from workbench_pilot import notifications, run_app, wait_for, write_corpus, write_events  # noqa: E402
+
+from workbench.engine.estimates import Shape, param_count  # noqa: E402
+from workbench.engine.formatting import count as human  # noqa: E402
+from workbench.engine.process import client  # noqa: E402
 from workbench.screens.new_run import NewRunScreen, PreparePanel  # noqa: E402
 
 

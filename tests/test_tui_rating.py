@@ -13,10 +13,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_helpers import tiny_raw, workbench, write_toml  # noqa: E402
+from textual.widgets import DataTable, Input, Static  # noqa: E402
 from tui_fixtures import fake_generate, make_demo_run  # noqa: E402
 from workbench_pilot import wait_for  # noqa: E402
 
-from textual.widgets import DataTable, Input, Static  # noqa: E402
 from workbench import ratings  # noqa: E402
 from workbench.screens.leaderboard import LeaderboardScreen  # noqa: E402
 from workbench.screens.rating import RatingScreen, read_prompts  # noqa: E402

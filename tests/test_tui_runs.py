@@ -1,5 +1,6 @@
 """The runs screen: the list, the empty-state quick start, crash and error notifications, delete with
-confirmation, and, against real engines, quick start -> stop, and a kill -9 turning `crashed`. (Resume: test_tui_checkpoints.py.)"""
+confirmation, and, against real engines, quick start -> stop, and a kill -9 turning `crashed`.
+(Resume: test_tui_checkpoints.py.)"""
 
 from __future__ import annotations
 
@@ -13,15 +14,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_helpers import tiny_raw  # noqa: E402
-from workbench_pilot import (finished_events, notifications, run_app, table_rows, wait_for,  # noqa: E402
-                             write_events)
-
-from workbench.engine.process import client  # noqa: E402
-from workbench.engine.config import from_dict, to_toml  # noqa: E402
-from workbench.engine.rundir import RunDir  # noqa: E402
-from workbench import engine_calls  # noqa: E402
-from workbench.screens.new_run import PreparePanel  # noqa: E402
 from textual.widgets import DataTable  # noqa: E402
+from workbench_pilot import finished_events, notifications, run_app, table_rows, wait_for, write_events  # noqa: E402
+
+from workbench import engine_calls  # noqa: E402
+from workbench.engine.config import from_dict, to_toml  # noqa: E402
+from workbench.engine.process import client  # noqa: E402
+from workbench.engine.rundir import RunDir  # noqa: E402
+from workbench.screens.new_run import PreparePanel  # noqa: E402
 from workbench.screens.runs import RunsScreen  # noqa: E402
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from textual.widgets.data_table import ColumnKey  # noqa: E402
 from workbench_pilot import finished_events, wait_for, write_events  # noqa: E402
 
-from textual.widgets.data_table import ColumnKey  # noqa: E402
 from workbench.app import WorkbenchApp  # noqa: E402
 from workbench.screens import new_run  # noqa: E402
 

@@ -68,10 +68,12 @@ def demo_votes() -> list[dict]:
            [("step_000200", "step_000300", "a")] * 2 + [("step_000200", "step_000100", "a")] * 4 + \
            [("step_000100", "step_000200", "tie")] * 2 + [("step_000100", "step_000300", "both_bad")] * 2
     votes = []
+    def side(name: str, seed: int) -> dict:
+        return {"text": f"text from {name}", "checkpoint": name, "settings": {"temperature": 0.8, "top_p": 0.95,
+                                                                              "seed": seed}}
+
     for i, (a, b, verdict) in enumerate(plan):
-        side = lambda name: {"text": f"text from {name}", "checkpoint": name,  # noqa: E731
-                             "settings": {"temperature": 0.8, "top_p": 0.95, "seed": i}}
-        votes.append(ratings.make_vote(f"prompt {i}", side(a), side(b), verdict, when=T0 + i))
+        votes.append(ratings.make_vote(f"prompt {i}", side(a, i), side(b, i), verdict, when=T0 + i))
     return votes
 
 

@@ -8,9 +8,9 @@ driven through workbench.engine.process.client. That keeps the first frame fast 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
-from typing import Iterable
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding

@@ -6,12 +6,11 @@ answer in a line. `status` also answers for a run with no engine (from its event
 
 from __future__ import annotations
 
-from workbench.engine.process import client
 from workbench.engine.config import _parse_value
 from workbench.engine.errors import WorkbenchError
-from workbench.engine.formatting import terminal_safe
-from workbench.engine.rundir import RunDir
+from workbench.engine.process import client
 from workbench.engine.process.ops import OPS, SETTABLE
+from workbench.engine.rundir import RunDir
 
 
 def _command(parser) -> str:

@@ -91,7 +91,8 @@ def live_sample(args) -> int | None:
     try:
         for i in range(args.num_samples):
             seed = None if args.seed is None else args.seed + i
-            reply = client.request(args.run, "sample", timeout=OPS["sample"].timeout_s, prompt=args.prompt, max_tokens=args.max_tokens,
+            reply = client.request(args.run, "sample", timeout=OPS["sample"].timeout_s, prompt=args.prompt,
+                                   max_tokens=args.max_tokens,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed)
             texts.append((reply, seed))
     except client.EngineNotRunning:

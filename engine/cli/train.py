@@ -24,7 +24,8 @@ DEFAULT_DATA = "data/builtin"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="TOML config (e.g. examples/tiny-cpu.toml); not with --resume")
-    parser.add_argument("--data", metavar="DIR", help=f"prepared dataset folder (default: data.path, else {DEFAULT_DATA})")
+    parser.add_argument("--data", metavar="DIR",
+                        help=f"prepared dataset folder (default: data.path, else {DEFAULT_DATA})")
     parser.add_argument("--run", metavar="DIR", help="run folder to create (default: runs/<config name>)")
     parser.add_argument("--max-steps", type=int, metavar="N", help="train to step N (also extends a resumed run)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -12,8 +12,8 @@ from __future__ import annotations
 import ast
 import os
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from workbench.engine.data.sources import DEFAULT_DOC_CHARS, split_documents
 

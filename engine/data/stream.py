@@ -14,9 +14,9 @@ import json
 import multiprocessing
 from array import array
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 

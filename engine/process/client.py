@@ -291,7 +291,7 @@ def request(run_dir, op: str, *, timeout: float = 60.0, check: bool = True, **ar
             sock.sendall(line)
             with sock.makefile("rb") as f:
                 raw = f.readline()
-        except socket.timeout:
+        except TimeoutError:
             raise EngineError(f"the engine did not answer {op!r} within {timeout:g} s") from None
         except (BrokenPipeError, ConnectionResetError):
             raw = b""

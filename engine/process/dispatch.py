@@ -13,7 +13,8 @@ import queue
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from workbench.engine.control import Control
 from workbench.engine.errors import WorkbenchError

@@ -24,8 +24,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from workbench.engine.errors import WorkbenchError
 from workbench.engine.events import EventWriter

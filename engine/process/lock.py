@@ -25,7 +25,7 @@ class EngineLock:
         self.run = run
         self.fd: int | None = None
 
-    def acquire(self) -> "EngineLock":
+    def acquire(self) -> EngineLock:
         fd = os.open(self.run.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + LOCK_RETRY_S
         while True:

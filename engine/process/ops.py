@@ -14,8 +14,9 @@ This module imports no torch.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 class RequestError(ValueError):

@@ -14,8 +14,9 @@ import json
 import os
 import socket
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from workbench.engine.process.ops import RequestError, parse_request
 
@@ -60,7 +61,7 @@ class ControlServer:
         self._idle = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
 
-    def start(self) -> "ControlServer":
+    def start(self) -> ControlServer:
         self.path.unlink(missing_ok=True)  # a stale socket from a dead engine (we hold the run's lock)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with socket_address(self.path) as address:
@@ -77,7 +78,7 @@ class ControlServer:
         while not self._closed.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -9,7 +9,6 @@ usually with a lower learning rate: fine-tuning.
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ from textual.screen import ModalScreen, Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, DataTable, Footer, Header, Input, Static
 
+from workbench import engine_calls
 from workbench.engine import checkpoint
 from workbench.engine import formatting as fmt
 from workbench.engine.rundir import RunDir
-from workbench import engine_calls
 from workbench.screens.new_run import RUN_NAME, field
 
 COLUMNS = (("name", "Checkpoint"), ("step", "Step"), ("tokens", "Tokens"), ("val_loss", "Val loss"),

@@ -16,8 +16,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label, Static
 
-from workbench.engine.rundir import RunDir
 from workbench import ratings
+from workbench.engine.rundir import RunDir
 
 BOOTSTRAP_ROUNDS = 200
 CHECK_S = 2.0

@@ -28,11 +28,11 @@ from textual.suggester import SuggestFromList
 from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Label, ProgressBar, Select, Static
 
+from workbench import engine_calls
 from workbench.engine import estimates
 from workbench.engine import formatting as fmt
 from workbench.engine.config import RunConfig, from_dict, load, preset_names, to_toml
 from workbench.engine.errors import WorkbenchError
-from workbench import engine_calls
 from workbench.messages import PrepareFinished, PrepareProgress
 
 DEFAULT_VOCAB = 4096
@@ -439,7 +439,7 @@ Set up a run top to bottom, then **ctrl+s** to start it in a detached engine.
             self.query_one(f"#{fid}", Input).value = f"{value:g}" if kind is float else str(value)
         self.query_one("#optim-decay", Select).value = cfg.optim.decay
         name_input = self.query_one("#run-name", Input)
-        if re.fullmatch(r"(%s)-\d+" % "|".join(map(re.escape, preset_names())), name_input.value):
+        if re.fullmatch(rf"({'|'.join(map(re.escape, preset_names()))})-\d+", name_input.value):
             name_input.value = unique_run_name(self.app.runs_root, name)
 
     def _maybe_custom(self) -> None:

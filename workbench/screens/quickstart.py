@@ -18,11 +18,11 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 
+from workbench import engine_calls
 from workbench.engine.config import to_toml
 from workbench.engine.errors import WorkbenchError
 from workbench.engine.quickstart import DEFAULT_STEPS, free_run_dir
 from workbench.engine.quickstart import quickstart_config as engine_quickstart_config
-from workbench import engine_calls
 from workbench.messages import PrepareFinished
 from workbench.screens.new_run import PreparePanel
 

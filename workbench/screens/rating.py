@@ -15,11 +15,10 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import subprocess
-import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rich.text import Text
 from textual import on, work
@@ -29,8 +28,8 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, Static
 
-from workbench.engine.rundir import RunDir
 from workbench import engine_calls, ratings
+from workbench.engine.rundir import RunDir
 
 # A generator takes (run_dir, checkpoint, prompt, settings) and returns the generated text.
 Generator = Callable[[Path, str, str, dict[str, Any]], str]
@@ -303,7 +302,7 @@ prompt list (one prompt per line; a run's own `prompts.txt` is used when it has 
 
     def _round_done(self, round_: dict[str, Any], texts: list[str] | None, error: str | None) -> None:
         if texts is not None:
-            for side, text in zip(("a", "b"), texts):
+            for side, text in zip(("a", "b"), texts, strict=True):
                 round_[side]["text"] = text
         round_["texts"], round_["error"] = texts, error
         if round_ is not self.round or not self.is_mounted:
