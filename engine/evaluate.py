@@ -9,14 +9,17 @@ token gets its own loss; from those:
             loss_eval does: it does not depend on the tokenizer, so any two runs compare.
 Per document (val_docs: start, token count), the same ratio ranks the worst documents.
 
+A chat dataset (dataset.chat) is evaluated by its val rows instead (the first ones, the same every
+time), on assistant tokens only: a target counts where the loss mask is 1 (assistant content and its
+<|end|>), so val_loss is the mean over those, val_bpb their text loss over their UTF-8 bytes, `tokens`
+their number, and the worst documents are the worst val conversations by that bits per byte.
+
 The command is engine/cli/eval.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -100,8 +103,90 @@ def worst_documents(losses: np.ndarray, val: np.ndarray, token_bytes: np.ndarray
     return out
 
 
+def chat_token_losses(model, tokens: np.ndarray, mask: np.ndarray, batch_size: int, max_batches: int,
+                      device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(losses, targets, weights), each (rows, row_tokens - 1), over the first rows of a chat split
+    (max_batches 0 = all): losses[r, t] is the loss of predicting tokens[r, t + 1], 0 where weights is 0."""
+    import torch
+
+    n = len(tokens) if not max_batches else min(len(tokens), max_batches * batch_size)
+    losses, targets, weights = [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for first in range(0, n, batch_size):
+                chunk = np.asarray(tokens[first:first + batch_size], dtype=np.int64)
+                w = np.asarray(mask[first:first + batch_size, 1:], dtype=np.float64)
+                y = np.where(w > 0, chunk[:, 1:], -1)
+                x, y_t = (torch.from_numpy(a).to(device.device) for a in (chunk[:, :-1], y))
+                with device.autocast():
+                    loss = model(x, y_t)
+                losses.append(loss.float().cpu().numpy().astype(np.float64) * w)
+                targets.append(chunk[:, 1:])
+                weights.append(w)
+    finally:
+        model.train(was_training)
+    if not losses:
+        empty = np.zeros((0, max(0, tokens.shape[1] - 1)))
+        return empty, empty.astype(np.int64), empty
+    return np.concatenate(losses), np.concatenate(targets), np.concatenate(weights)
+
+
+def summarize_chat(losses: np.ndarray, targets: np.ndarray, weights: np.ndarray, token_bytes: np.ndarray) -> dict:
+    """val_loss, val_ppl, val_bpb over the trained (assistant) targets only."""
+    n = int(weights.sum())
+    if n == 0:
+        return {"val_loss": None, "val_ppl": None, "val_bpb": None, "tokens": 0, "scope": "assistant tokens"}
+    nbytes = token_bytes[targets] * weights
+    mean = float(losses.sum() / n)
+    total_bytes = float(nbytes.sum())
+    bpb = float(losses[nbytes > 0].sum() / (LN2 * total_bytes)) if total_bytes else None
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_bpb": bpb, "tokens": n,
+            "scope": "assistant tokens"}
+
+
+def worst_conversations(losses: np.ndarray, targets: np.ndarray, weights: np.ndarray, token_bytes: np.ndarray,
+                        val_docs: np.ndarray, sources: list[dict], n: int) -> list[dict]:
+    """The `n` evaluated val conversations with the highest bits per byte on their assistant tokens."""
+    if n <= 0 or len(losses) == 0:
+        return []
+    rows, width = losses.shape
+    # Flat val.bin layout: rows of width + 1 tokens; target t of row r is token r * (width + 1) + t + 1.
+    flat_loss = np.zeros(rows * (width + 1))
+    flat_bytes = np.zeros(rows * (width + 1))
+    nbytes = token_bytes[targets] * weights
+    flat_loss.reshape(rows, width + 1)[:, 1:] = np.where(nbytes > 0, losses, 0.0)
+    flat_bytes.reshape(rows, width + 1)[:, 1:] = nbytes
+    cum_loss = np.concatenate([[0.0], np.cumsum(flat_loss)])
+    cum_bytes = np.concatenate([[0.0], np.cumsum(flat_bytes)])
+    starts, counts = val_docs[:, 0], val_docs[:, 1]
+    covered = starts + counts <= len(flat_loss)
+    lo, hi = starts[covered], (starts + counts)[covered]
+    conv_bytes = cum_bytes[hi] - cum_bytes[lo]
+    conv_bpb = np.where(conv_bytes > 0, (cum_loss[hi] - cum_loss[lo]) / (LN2 * np.maximum(conv_bytes, 1)), -1.0)
+    index = np.flatnonzero(covered)
+    out = []
+    for k in np.argsort(-conv_bpb, kind="stable")[:n]:
+        if conv_bpb[k] < 0:
+            break
+        i = int(index[k])
+        src = sources[i] if i < len(sources) else {}
+        out.append({"doc": i, "source": src.get("source", "?"), "preview": src.get("preview", ""),
+                    "bpb": float(conv_bpb[k]), "bytes": int(conv_bytes[k]), "tokens": int(counts[i])})
+    return out
+
+
 def evaluate(model, dataset, batch_size: int, seq_len: int, max_batches: int, device, worst: int = 0) -> dict:
-    """Everything above in one pass over the val windows."""
+    """Everything above in one pass over the val windows (a chat dataset: its val rows, assistant tokens)."""
+    if dataset.chat is not None:
+        tokens, mask = dataset.rows("val")
+        losses, targets, weights = chat_token_losses(model, tokens, mask, batch_size, max_batches, device)
+        result = summarize_chat(losses, targets, weights, dataset.token_bytes)
+        if worst:
+            result["worst_docs"] = worst_conversations(losses, targets, weights, dataset.token_bytes,
+                                                       dataset.val_docs, dataset.val_sources(), worst)
+        return result
     losses = token_losses(model, dataset.val, batch_size, seq_len, max_batches, device)
     result = summarize(losses, dataset.val, dataset.token_bytes)
     if worst:

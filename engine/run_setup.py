@@ -31,6 +31,7 @@ def open_dataset(cfg: RunConfig):
     from workbench.engine.data.dataset import Dataset
 
     dataset = Dataset.open(cfg.data.path)
+    dataset.check_seq_len(cfg.model.seq_len)  # a chat dataset's rows must fit the model's context
     config_mod.resolve_data_fields(cfg, dataset.tokenizer.vocab_size, len(dataset.train))
     return dataset
 

@@ -13,6 +13,15 @@ a pure function of (seed, s, m) -- numpy's default_rng([seed, s, m]) picks the w
 starts in the train memmap -- so a run resumed from step s sees exactly the batches an
 uninterrupted run would. Weights, AdamW moments, step, token count and every RNG state
 come back from the checkpoint, so on the CPU a resumed run is bit-identical.
+
+Chat fine-tuning is the same loop on a chat dataset (`dataset.chat`, workbench.engine.data.dataset):
+a batch is whole packed rows, their indices picked by default_rng([seed, step, micro]) as the
+window starts are (get_rows), so exact resume holds the same way; targets where the loss mask is 0
+(system and user turns, role markers, padding) are set to IGNORE (-1), which the reference loss and
+our fused kernel both skip, and the loss is the mean over the step's trained (assistant) targets
+across all its micro-batches. `tokens` (and tokens/s, MFU) count the positions the model runs over,
+padding included, as for plain text (batch_size * row length per micro-step): the compute done; the
+trained share is logged at setup. The periodic sample of a chat run is a reply (see _periodic_sample).
 """
 
 from __future__ import annotations
@@ -22,20 +31,22 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from workbench.engine import checkpoint
 from workbench.engine import config as config_mod
+from workbench.engine.chat import ChatError
 from workbench.engine.config import RunConfig
 from workbench.engine.control import Control
 from workbench.engine.data.dataset import Dataset
 from workbench.engine.device import device_info
-from workbench.engine.errors import ConfigError, DataError, WorkbenchError
+from workbench.engine.errors import ConfigError, WorkbenchError
 from workbench.engine.events import EventWriter
 from workbench.engine.formatting import count, format_event, nbytes
 from workbench.engine.model import GPT
@@ -45,6 +56,11 @@ from workbench.kernels import KernelsUnavailable, select
 MAX_BAD_STEPS = 3  # non-finite steps in a row before rolling back to the last checkpoint
 MAX_ROLLBACKS = 5  # then give up: lowering the lr again and again is not going to help
 MAX_SAVE_FAILURES = 3  # failed checkpoint saves in a row (a full disk) before the run gives up
+IGNORE = -1  # target id the loss skips (model.forward's ignore_index)
+# The user turns a chat run's periodic sample replies to, one per sample in turn, when eval.sample_prompt is
+# empty (a non-empty one is the one prompt); in the built-in chat data's phrasing (engine/data/builtin_chat.py).
+CHAT_PROMPTS = ("What does os.path.join do?", "What is the json module?", "What does the `yield` keyword do?",
+                "Explain str.split.")
 
 
 def get_batch(data: np.ndarray, seed: int, step: int, micro: int, batch_size: int,
@@ -54,6 +70,17 @@ def get_batch(data: np.ndarray, seed: int, step: int, micro: int, batch_size: in
     starts = rng.integers(0, len(data) - seq_len, size=batch_size)
     chunk = np.asarray(data[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int64)
     return chunk[:, :-1], chunk[:, 1:]
+
+
+def get_rows(tokens: np.ndarray, mask: np.ndarray, seed: int, step: int, micro: int,
+             batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A chat batch for (step, micro): inputs and targets (batch_size, row_tokens - 1) int64 from whole rows
+    of `tokens` (n_rows, row_tokens), targets IGNORE where `mask` is 0. A pure function of its arguments."""
+    rng = np.random.default_rng([seed, step, micro])
+    rows = rng.integers(0, len(tokens), size=batch_size)
+    chunk = np.asarray(tokens[rows], dtype=np.int64)
+    y = np.where(np.asarray(mask[rows][:, 1:]) > 0, chunk[:, 1:], IGNORE)
+    return chunk[:, :-1], y
 
 
 def lr_at(step: int, cfg: RunConfig, elapsed_s: float = 0.0) -> float:
@@ -133,6 +160,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.dataset = Dataset.open(cfg.data.path)
+        self.dataset.check_seq_len(cfg.model.seq_len)
         tok = self.dataset.tokenizer
         config_mod.resolve_data_fields(cfg, tok.vocab_size, len(self.dataset.train))
         self.device = device_info(cfg.train)
@@ -147,6 +175,8 @@ class Trainer:
                                         fused=self.device.type == "cuda")
         self.params = [p for p in self.model.parameters()]
         self.flops_per_token = self.model.flops_per_token()
+        # Positions per step: a chat row's seq_len (padding included) or a window's (see the module docstring).
+        self.tokens_per_step = cfg.train.grad_accum * cfg.train.batch_size * (self.dataset.seq_len or cfg.model.seq_len)
         checkpoint.clean_temporaries(self.rundir)
         self.log(f"kernels: {self.ops.name} ({self.ops.reason})")
         peak = f"peak {count(self.device.peak_flops, 'FLOP/s')}" if self.device.peak_flops else "unknown peak (MFU n/a)"
@@ -154,6 +184,10 @@ class Trainer:
         self.log(f"model: {count(self.model.num_params())} parameters, {count(self.flops_per_token, 'FLOPs')}/token, "
                  f"~{nbytes(self.model.memory_estimate(cfg.train.batch_size, self.device.bf16))} to train; "
                  f"data: {count(len(self.dataset.train))} train / {count(len(self.dataset.val))} val tokens")
+        if self.dataset.chat is not None:
+            n_rows = len(self.dataset.rows("train")[0])
+            self.log(f"chat data: {count(n_rows)} rows of {self.dataset.seq_len} positions, loss on assistant "
+                     f"tokens only ({float(np.mean(self.dataset.train_mask)):.0%} of the train tokens)")
         if self.resume:
             latest = self.rundir.latest_checkpoint()
             if latest is None:
@@ -204,7 +238,8 @@ class Trainer:
             "elapsed_s": round(self.elapsed_s, 3),
             "lr_scale": self.lr_scale,
             "rng": checkpoint.capture_rng(),
-            "data_position": {"scheme": "numpy default_rng([seed, step, micro_step]) window starts",
+            "data_position": {"scheme": "numpy default_rng([seed, step, micro_step]) "
+                                        + ("chat rows" if self.dataset.chat else "window starts"),
                               "seed": self.cfg.train.seed, "next_step": self.step},
             "config": self.cfg.to_dict(),
             "config_hash": self.cfg.hash(),
@@ -260,9 +295,22 @@ class Trainer:
 
     def sample(self, prompt: str = "", max_tokens: int = 64, temperature: float = 0.8, top_k: int | None = 0,
                top_p: float = 1.0, seed: int | None = None) -> str:
-        """Generate text from the current weights (emits a `sample` event) and return it."""
+        """Generate text from the current weights (emits a `sample` event) and return it.
+
+        On a chat run `prompt` is a user turn (empty: the first of CHAT_PROMPTS), rendered with the chat
+        template's render_prompt, and the text is the reply, up to the model's <|end|>."""
         tok = self.dataset.tokenizer
-        ids = [tok.bos_id] + tok.encode(prompt)
+        template = None
+        if self.dataset.chat is not None:
+            from workbench.engine.chat import ChatTemplate
+
+            template = ChatTemplate(tok)
+            prompt = prompt or CHAT_PROMPTS[0]
+            # The prompt may take all but one position of the context; the reply gets what is left, up to max_tokens.
+            ids = template.render_prompt([{"role": "user", "content": prompt}], self.cfg.model.seq_len - 1).ids
+            max_tokens = min(max_tokens, self.cfg.model.seq_len - len(ids))
+        else:
+            ids = [tok.bos_id] + tok.encode(prompt)
         self.model.eval()
         try:
             with self.device.autocast():
@@ -270,15 +318,23 @@ class Trainer:
                                           top_p=top_p, stop_ids=[tok.end_id], seed=seed)
         finally:
             self.model.train()
-        text = tok.decode(out)
+        text = template.reply_text(out) if template is not None else tok.decode(out)
         self.events.emit("sample", step=self.step, prompt=prompt, text=text)
         return text
 
     # --- the loop ----------------------------------------------------------------------------------
 
-    def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = get_batch(self.dataset.train, self.cfg.train.seed, step, micro,
+    def _batch_arrays(self, step: int, micro: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.dataset.chat is not None:
+            tokens, mask = self.dataset.rows("train")
+            return get_rows(tokens, mask, self.cfg.train.seed, step, micro, self.cfg.train.batch_size)
+        return get_batch(self.dataset.train, self.cfg.train.seed, step, micro,
                          self.cfg.train.batch_size, self.cfg.model.seq_len)
+
+    def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._to_device(*self._batch_arrays(step, micro))
+
+    def _to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.device.device
         if dev.type == "cuda":
             return (torch.from_numpy(x).pin_memory().to(dev, non_blocking=True),
@@ -293,12 +349,21 @@ class Trainer:
             group["lr"] = lr
         accum = cfg.train.grad_accum
         loss_sum = torch.zeros((), device=self.device.device)
-        for micro in range(accum):
-            x, y = self._batch(self.step, micro)
+        arrays = [self._batch_arrays(self.step, micro) for micro in range(accum)]
+        chat = self.dataset.chat is not None
+        if chat:  # the mean over the step's trained targets, whichever micro-batch holds them (counted on the host)
+            trained = max(1, sum(int((y != IGNORE).sum()) for _, y in arrays))
+        for x, y in map(lambda a: self._to_device(*a), arrays):
             with self.device.autocast():
-                loss = self.train_model(x, y).mean()
-            (loss / accum).backward()
-            loss_sum += loss.detach()
+                token_loss = self.train_model(x, y)
+            if chat:
+                loss = token_loss.sum() / trained
+                loss.backward()
+                loss_sum += loss.detach() * accum
+            else:
+                loss = token_loss.mean()
+                (loss / accum).backward()
+                loss_sum += loss.detach()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         # The one host sync per step: needed to skip a non-finite step before it touches the weights.
@@ -308,7 +373,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += accum * cfg.train.batch_size * cfg.model.seq_len
+        self.tokens += self.tokens_per_step
         return loss_value, norm_value, lr, applied
 
     def _handle_bad_step(self, loss: float, norm: float) -> None:
@@ -345,7 +410,7 @@ class Trainer:
 
     def _loop(self) -> str:
         cfg = self.cfg
-        tokens_per_step = cfg.train.grad_accum * cfg.train.batch_size * cfg.model.seq_len
+        tokens_per_step = self.tokens_per_step
         self.control.poll(self)
         # Throughput counts only train_step time; evals and checkpoints add to elapsed_s, and time
         # inside control.poll (a pause) counts nowhere.
@@ -401,9 +466,15 @@ class Trainer:
 
     def _periodic_sample(self) -> None:
         e = self.cfg.eval
+        prompt = e.sample_prompt
+        if self.dataset.chat is not None and not prompt:  # a reply to each fixed prompt in turn
+            prompt = CHAT_PROMPTS[(self.step // max(1, e.sample_interval) - 1) % len(CHAT_PROMPTS)]
         # Seeded by (seed, step): the same sample after a resume, and no global RNG consumed.
-        self.sample(e.sample_prompt, e.sample_tokens, temperature=0.8, top_k=0, top_p=0.95,
-                    seed=self.cfg.train.seed * 1_000_003 + self.step)
+        try:
+            self.sample(prompt, e.sample_tokens, temperature=0.8, top_k=0, top_p=0.95,
+                        seed=self.cfg.train.seed * 1_000_003 + self.step)
+        except ChatError as err:  # a chat prompt longer than the context: say so, keep training
+            self.log(f"periodic sample skipped: {err}")
 
     def run(self, handle_signals: bool = True) -> str:
         """Set up, train to max_steps (or a stop), write the final checkpoint; return the final state."""
