@@ -43,6 +43,7 @@ from workbench.engine.process.server import socket_address
 SOCKET_NAME = "serve.sock"
 MAX_REQUEST_BYTES = 1 << 20  # one request (a socket line or an HTTP body)
 DEFAULT_MAX_TOKENS = 256
+SMALL_MODEL_PARAMS = 30_000_000  # below this, one CPU thread decodes fastest
 
 
 class RequestRefused(WorkbenchError):
@@ -178,7 +179,14 @@ class ChatService:
     def open(cls, run: str | Path, checkpoint: str | None = None) -> ChatService:
         from workbench.engine.checkpoint import open_run_model
 
-        return cls(run, open_run_model(run, checkpoint))
+        loaded = open_run_model(run, checkpoint)
+        if loaded.device.device.type == "cpu" and loaded.model.num_params() < SMALL_MODEL_PARAMS:
+            import torch
+
+            # Decoding a small model is per-op overhead: more threads only add synchronisation
+            # (and on a busy machine, 2 threads ran 10x slower than 1 here).
+            torch.set_num_threads(1)
+        return cls(run, loaded)
 
     def warning(self) -> str | None:
         if self.chat_tuned:

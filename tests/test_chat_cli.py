@@ -45,6 +45,47 @@ def test_overflowing_context_drops_the_oldest_turns(run):
     assert len(convlog.conversations(convlog.path_of(run))[0]["messages"]) == 8  # the log keeps them all
 
 
+def test_terminal_chat_streams_and_takes_commands(run):
+    """On a terminal (a pty): a prompt, streamed replies, the commands, /quit."""
+    import os
+    import pty
+    import select
+    import sys
+    import time
+
+    from engine_helpers import cli_env
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the real command on the pty
+        os.execvpe(sys.executable, [sys.executable, "-m", "workbench.cli", "chat", str(run), "--max-tokens", "4",
+                                    "--temperature", "0"], cli_env())
+    out = b""
+
+    def until_prompt(timeout=60):  # the next "you> " after what was read so far
+        nonlocal out
+        start, deadline = len(out), time.monotonic() + timeout
+        while time.monotonic() < deadline and not out[start:].rstrip().endswith(b"you>"):
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    return
+
+    try:
+        until_prompt()
+        for line in [b"hi\n", b"/temp 0.5\n", b"/top_p x\n", b"/system Be brief.\n", b"hello\n", b"/quit\n"]:
+            os.write(fd, line)
+            until_prompt()
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert os.WEXITSTATUS(status) == 0, text
+    assert "base model" in text and text.count("bot> ") == 2 and "(temperature 0.5)" in text
+    assert "/top_p needs a number" in text and "system message set" in text
+    assert [len(c["messages"]) for c in convlog.conversations(convlog.path_of(run))] == [2, 3]  # system kept
+
+
 @pytest.mark.parametrize("args, message", [
     (["--temperature", "-1"], "temperature"),
     (["--top-p", "0"], "top_p"),

@@ -96,6 +96,21 @@ def test_oldest_turns_are_dropped_to_fit_and_bad_settings_are_refused(service):
         service.chat([{"role": "assistant", "content": "hi"}])
 
 
+def test_decode_step_equals_the_full_forward(service):
+    import torch
+
+    from workbench.engine.model import KVCache
+
+    model = service.model
+    ids = [service.tokenizer.bos_id, *service.tokenizer.encode("The os module")][:12]
+    cache = KVCache(model.cfg.n_layer, model.cfg.seq_len)
+    with torch.no_grad():
+        full = model(torch.tensor([ids]))[0]
+        model.hidden(torch.tensor([ids[:3]]), cache)
+        steps = [model._decode_step(t, cache)[0] for t in ids[3:]]
+    torch.testing.assert_close(torch.stack(steps), full[3:], rtol=1e-5, atol=1e-5)  # logits after each token
+
+
 # ---- the socket -----------------------------------------------------------------------------------
 
 def test_socket_streams_replies_and_keeps_conversations(service, run):

@@ -137,9 +137,11 @@ def check_completion_request(body, model_id: str) -> dict:
                        "model_not_found")
     stop = body.get("stop")
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    def given(name, default):  # a field left out and a field sent as null mean the same
+        return default if body.get(name) is None else body[name]
+
     return {"messages": body["messages"], "stream": bool(body.get("stream")),
-            "temperature": body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0,
-            "top_p": body.get("top_p") if body.get("top_p") is not None else 1.0,
+            "temperature": given("temperature", 1.0), "top_p": given("top_p", 1.0),
             "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens"),
             "stop": [stop] if isinstance(stop, str) else list(stop or []),
             "seed": body.get("seed"), "include_usage": include_usage}
