@@ -118,7 +118,8 @@ def first_reply(run_dir: Path, prompt: str = CHAT_PROMPT, max_tokens: int = 120)
     loaded = open_run_model(run_dir)
     template = ChatTemplate(loaded.tokenizer)
     seq_len = loaded.cfg.model.seq_len
-    ids = template.render_prompt([{"role": "user", "content": prompt}], seq_len - max_tokens).ids
+    # The prompt may take all but one position of the context; the reply gets what is left, up to max_tokens.
+    ids = template.render_prompt([{"role": "user", "content": prompt}], seq_len - 1).ids
     loaded.model.eval()
     out = loaded.model.generate(ids, min(max_tokens, seq_len - len(ids)), temperature=0.0,
                                 stop_ids=[template.end_id])
