@@ -20,11 +20,12 @@ DEFAULT_STEPS = 300
 SAMPLE_PROMPT = "The "
 
 # Chat fine-tuning of the tiny preset on the built-in chat data, on a CPU (examples/sft-cpu.toml is this
-# recipe as a file; a test keeps the two the same): a lower lr than pre-training with a short warmup,
+# recipe as a file; a test keeps the two the same): the base run's peak lr (2e-3 measured best of 1e-3, 2e-3
+# and 3e-3 on held-out assistant-token loss, 300 steps) with a short warmup, no weight decay,
 # the base model's shape and seq_len, whole rows of 128 positions, a reply every sample_interval steps.
 SFT_STEPS = 300
 SFT_RECIPE = {
-    "optim": {"lr": 1e-3, "warmup_steps": 20, "min_lr_ratio": 0.1, "weight_decay": 0.0},
+    "optim": {"lr": 2e-3, "warmup_steps": 20, "min_lr_ratio": 0.1, "weight_decay": 0.0},
     "train": {"batch_size": 16, "max_steps": SFT_STEPS, "log_interval": 10},
     "eval": {"interval": 100, "max_batches": 10, "sample_interval": 100, "sample_prompt": "", "sample_tokens": 96},
     "checkpoint": {"interval": 100},
