@@ -47,11 +47,12 @@ def run(args) -> int:
         print("the val split is too short to evaluate")
         return 0
     bpb = "n/a" if result["val_bpb"] is None else f"{result['val_bpb']:.4f}"
+    chat = result.get("scope") == "assistant tokens"  # a chat dataset: only the assistant's tokens count
     print(f"val loss {result['val_loss']:.4f} | perplexity {result['val_ppl']:.2f} | "
-          f"bits per byte {bpb} | {result['tokens']:,} tokens")
+          f"bits per byte {bpb} | {result['tokens']:,} {'assistant ' if chat else ''}tokens")
     docs = result.get("worst_docs") or []
     if docs:
-        print(f"worst {len(docs)} validation documents by bits per byte:")
+        print(f"worst {len(docs)} validation {'conversations' if chat else 'documents'} by bits per byte:")
         for d in docs:
             preview = " ".join(d["preview"].split())[:60]
             print(f"  {d['bpb']:6.3f} bpb  {d['bytes']:>7,} bytes  {d['source']}  {preview!r}")
