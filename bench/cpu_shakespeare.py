@@ -22,13 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.prepare_speed import measure  # noqa: E402
-from workbench.engine import config as config_mod  # noqa: E402
-from workbench.engine.data.prepare import prepare  # noqa: E402
-from workbench.engine.events import read_events  # noqa: E402
-from workbench.engine.formatting import count  # noqa: E402
-from workbench.engine.run_setup import create_run  # noqa: E402
-from workbench.engine.train import train  # noqa: E402
+from bench.prepare_speed import measure
+from workbench.engine import config as config_mod
+from workbench.engine.data.prepare import prepare
+from workbench.engine.events import read_events
+from workbench.engine.formatting import count
+from workbench.engine.run_setup import create_run
+from workbench.engine.train import train
 
 FINAL_EVAL_RESERVE_S = 2.0  # the full validation pass and the final checkpoint, after the budget
 

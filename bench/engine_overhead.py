@@ -39,11 +39,11 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from workbench.engine import config as config_mod  # noqa: E402
-from workbench.engine.events import read_events  # noqa: E402
-from workbench.engine.process import client  # noqa: E402
-from workbench.engine.process.spawn import spawn_detached  # noqa: E402
-from workbench.engine.run_setup import create_run  # noqa: E402
+from workbench.engine import config as config_mod
+from workbench.engine.events import read_events
+from workbench.engine.process import client
+from workbench.engine.process.spawn import spawn_detached
+from workbench.engine.run_setup import create_run
 
 
 def prepare_data(folder: Path, max_chars: int = 1_000_000) -> Path:

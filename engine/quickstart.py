@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from workbench.engine.errors import ConfigError
+from workbench.engine.formatting import nbytes
 
 DEFAULT_STEPS = 300
 SAMPLE_PROMPT = "The "
@@ -55,7 +56,7 @@ def ensure_builtin_data(data: Path) -> None:
     print(f"preparing the built-in corpus (Python's documentation) into {data} ...", flush=True)
     report = prepare(None, data)
     kept = report["kept"]
-    print(f"  {kept['documents']:,} documents, {kept['bytes'] / 1e6:.1f} MB, {kept['tokens']:,} tokens "
+    print(f"  {kept['documents']:,} documents, {nbytes(kept['bytes'])}, {kept['tokens']:,} tokens "
           f"in {report['seconds']:.0f} s", flush=True)
 
 

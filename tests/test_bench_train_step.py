@@ -16,7 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.train_step import Result, verdicts  # noqa: E402
+from bench.train_step import Result, verdicts  # noqa: E402 (bench/ is reached through the root added above)
 
 ROW = re.compile(r"^(\S+)\s+([\d,]+)\s+([\d.]+)\s+(\S+)\s+(\S+)\s+(\S+)$")
 

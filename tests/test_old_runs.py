@@ -122,7 +122,9 @@ def test_the_dashboard_shows_it(old):
                     break
                 await pilot.pause(0.1)
             await pilot.pause(0.2)
-            value = lambda row: screen.query_one(row).query_one(".stat-value", Label).render().plain  # noqa: E731
+            def value(row: str) -> str:
+                return screen.query_one(row).query_one(".stat-value", Label).render().plain
+
             seen.update(status=str(screen.query_one("#status", Label).render()), loss=value("#stat-loss"),
                         val=value("#stat-val"), cpu=value("#cpu"), tps=value("#stat-tps"))
 

@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from engine_helpers import tiny_raw, workbench, write_toml
+from textual.widgets import DataTable, Input
+from workbench_pilot import notifications, run_app, table_rows, wait_for
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_helpers import tiny_raw, workbench, write_toml  # noqa: E402
-from textual.widgets import DataTable, Input  # noqa: E402
-from workbench_pilot import notifications, run_app, table_rows, wait_for  # noqa: E402
-
-from workbench.engine.process import client  # noqa: E402
-from workbench.engine.rundir import RunDir  # noqa: E402
-from workbench.screens.checkpoints import CheckpointsScreen, ForkScreen  # noqa: E402
+from workbench.engine.process import client
+from workbench.engine.rundir import RunDir
+from workbench.screens.checkpoints import CheckpointsScreen, ForkScreen
 
 
 @pytest.fixture(autouse=True)

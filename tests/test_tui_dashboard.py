@@ -9,24 +9,21 @@ import fcntl
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from engine_helpers import tiny_raw, workbench, write_toml
+from event_fixtures import complete, fields
+from textual.widgets import ContentSwitcher, Label, RichLog, Sparkline
+from tui_fixtures import make_demo_run
+from workbench_pilot import wait_for
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_helpers import tiny_raw, workbench, write_toml  # noqa: E402
-from event_fixtures import complete, fields  # noqa: E402
-from textual.widgets import ContentSwitcher, Label, RichLog, Sparkline  # noqa: E402
-from tui_fixtures import make_demo_run  # noqa: E402
-from workbench_pilot import wait_for  # noqa: E402
-
-from workbench.engine.events import EventWriter  # noqa: E402
-from workbench.screens.dashboard import DashboardScreen  # noqa: E402
-from workbench.screens.standalone import ScreenApp  # noqa: E402
-from workbench.widgets.plots import LossPlot  # noqa: E402
-from workbench.widgets.system import GpuRows  # noqa: E402
+from workbench.engine.events import EventWriter
+from workbench.screens.dashboard import DashboardScreen
+from workbench.screens.standalone import ScreenApp
+from workbench.widgets.plots import LossPlot
+from workbench.widgets.system import GpuRows
 
 
 def status_text(screen: DashboardScreen) -> str:

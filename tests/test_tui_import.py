@@ -11,9 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_helpers import cli_env  # noqa: E402
-from tui_fixtures import make_demo_run  # noqa: E402
+from engine_helpers import cli_env
+from tui_fixtures import make_demo_run
 
 FORBIDDEN = ("torch", "cupy", "triton")
 

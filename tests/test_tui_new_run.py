@@ -4,21 +4,18 @@ its report; start in a detached engine (real, tiny CPU model); user errors as no
 from __future__ import annotations
 
 import io
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from rich.text import Text
+from textual.widgets import Input, Select, Static
+from workbench_pilot import notifications, run_app, wait_for, write_corpus, write_events
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rich.text import Text  # noqa: E402
-from textual.widgets import Input, Select, Static  # noqa: E402
-from workbench_pilot import notifications, run_app, wait_for, write_corpus, write_events  # noqa: E402
-
-from workbench.engine.estimates import Shape, param_count  # noqa: E402
-from workbench.engine.formatting import count as human  # noqa: E402
-from workbench.engine.process import client  # noqa: E402
-from workbench.screens.new_run import NewRunScreen, PreparePanel  # noqa: E402
+from workbench.engine.estimates import Shape, param_count
+from workbench.engine.formatting import count as human
+from workbench.engine.process import client
+from workbench.screens.new_run import NewRunScreen, PreparePanel
 
 
 @pytest.fixture(autouse=True)

@@ -6,21 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from engine_helpers import tiny_raw, workbench, write_toml
+from textual.widgets import DataTable, Input, Static
+from tui_fixtures import fake_generate, make_demo_run
+from workbench_pilot import wait_for
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_helpers import tiny_raw, workbench, write_toml  # noqa: E402
-from textual.widgets import DataTable, Input, Static  # noqa: E402
-from tui_fixtures import fake_generate, make_demo_run  # noqa: E402
-from workbench_pilot import wait_for  # noqa: E402
-
-from workbench import ratings  # noqa: E402
-from workbench.screens.leaderboard import LeaderboardScreen  # noqa: E402
-from workbench.screens.rating import RatingScreen, read_prompts  # noqa: E402
-from workbench.screens.standalone import ScreenApp  # noqa: E402
+from workbench import ratings
+from workbench.screens.leaderboard import LeaderboardScreen
+from workbench.screens.rating import RatingScreen, read_prompts
+from workbench.screens.standalone import ScreenApp
 
 
 def host(make_screen, body, size=(80, 24)) -> None:
@@ -209,7 +206,9 @@ def test_leaderboard_follows_the_ratings_file(tmp_path):
     async def body(pilot, app, screen):
         await pilot.pause(0.5)
         assert screen.standings == []
-        side = lambda name: {"text": "x", "checkpoint": name, "settings": {}}  # noqa: E731
+        def side(name: str) -> dict:
+            return {"text": "x", "checkpoint": name, "settings": {}}
+
         for _ in range(3):
             ratings.append_rating(run / "ratings.jsonl",
                                   ratings.make_vote("p", side("step_000300"), side("step_000100"), "a"))

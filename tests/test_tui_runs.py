@@ -7,22 +7,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
-from pathlib import Path
 
 import pytest
+from engine_helpers import tiny_raw
+from textual.widgets import DataTable
+from workbench_pilot import finished_events, notifications, run_app, table_rows, wait_for, write_events
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_helpers import tiny_raw  # noqa: E402
-from textual.widgets import DataTable  # noqa: E402
-from workbench_pilot import finished_events, notifications, run_app, table_rows, wait_for, write_events  # noqa: E402
-
-from workbench import engine_calls  # noqa: E402
-from workbench.engine.config import from_dict, to_toml  # noqa: E402
-from workbench.engine.process import client  # noqa: E402
-from workbench.engine.rundir import RunDir  # noqa: E402
-from workbench.screens.new_run import PreparePanel  # noqa: E402
-from workbench.screens.runs import RunsScreen  # noqa: E402
+from workbench import engine_calls
+from workbench.engine.config import from_dict, to_toml
+from workbench.engine.process import client
+from workbench.engine.rundir import RunDir
+from workbench.screens.new_run import PreparePanel
+from workbench.screens.runs import RunsScreen
 
 
 @pytest.fixture(autouse=True)

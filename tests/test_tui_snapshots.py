@@ -9,18 +9,15 @@ relative to now), checkpoint dates (TZ=UTC), and the hardware the estimates assu
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from textual.widgets.data_table import ColumnKey
+from workbench_pilot import finished_events, wait_for, write_events
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from textual.widgets.data_table import ColumnKey  # noqa: E402
-from workbench_pilot import finished_events, wait_for, write_events  # noqa: E402
-
-from workbench.app import WorkbenchApp  # noqa: E402
-from workbench.screens import new_run  # noqa: E402
+from workbench.app import WorkbenchApp
+from workbench.screens import new_run
 
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
 SAVED_AT = 1_767_268_800.0  # 2026-01-01 12:00 UTC

@@ -7,19 +7,15 @@ Update after an intended change with: pytest tests/test_tui_snapshots_dashboard.
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from tui_fixtures import fake_generate, make_demo_run
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tui_fixtures import fake_generate, make_demo_run  # noqa: E402
-
-from workbench.screens.dashboard import DashboardScreen  # noqa: E402
-from workbench.screens.leaderboard import LeaderboardScreen  # noqa: E402
-from workbench.screens.rating import RatingScreen  # noqa: E402
-from workbench.screens.standalone import ScreenApp  # noqa: E402
+from workbench.screens.dashboard import DashboardScreen
+from workbench.screens.leaderboard import LeaderboardScreen
+from workbench.screens.rating import RatingScreen
+from workbench.screens.standalone import ScreenApp
 
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
 

@@ -69,8 +69,9 @@ def make_vote(prompt: str, a: dict[str, Any], b: dict[str, Any], verdict: str,
     """A vote record. `a` and `b` are {"text", "checkpoint", "settings"} as shown on each side."""
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, not {verdict!r}")
-    side = lambda s: {"text": s.get("text", ""), "checkpoint": s.get("checkpoint"),  # noqa: E731
-                      "settings": dict(s.get("settings") or {})}
+    def side(s: dict[str, Any]) -> dict[str, Any]:
+        return {"text": s.get("text", ""), "checkpoint": s.get("checkpoint"), "settings": dict(s.get("settings") or {})}
+
     return {"v": SCHEMA_VERSION, "time": round(time.time() if when is None else when, 3),
             "prompt": prompt, "a": side(a), "b": side(b), "verdict": verdict}
 

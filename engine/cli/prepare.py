@@ -21,6 +21,7 @@ from workbench.engine.data.prepare import prepare
 from workbench.engine.data.report import render_text
 from workbench.engine.data.settings import DEFAULT_CHAT_SEQ_LEN, PrepareSettings
 from workbench.engine.errors import DataError
+from workbench.engine.formatting import nbytes
 
 
 def add_arguments(parser) -> None:
@@ -89,7 +90,7 @@ class _PrintProgress:
         self.stage = event["stage"]
         frac = event.get("fraction")
         pct = f"{100 * frac:5.1f}%" if frac is not None else "  ... "
-        print(f"\r{self.stage:<9} {pct}  {event['docs']:>9,} docs  {event['bytes'] / 1e6:9.1f} MB",
+        print(f"\r{self.stage:<9} {pct}  {event['docs']:>9,} docs  {nbytes(event['bytes']):>9}",
               end="", file=sys.stderr, flush=True)
 
     def finish(self) -> None:

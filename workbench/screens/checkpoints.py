@@ -38,7 +38,9 @@ def read_checkpoints(run_dir: Path) -> list[dict[str, Any]]:
 
 def format_row(row: dict[str, Any]) -> list[Any]:
     tags = (" [b]latest[/b]" if row["latest"] else "") + (" [green]best[/green]" if row.get("best") else "")
-    right = lambda text: Text(text, justify="right")  # noqa: E731
+    def right(text: str) -> Text:
+        return Text(text, justify="right")
+
     return [
         Text.from_markup(row["name"] + tags),
         right(f"{row['step']:,}"),

@@ -151,7 +151,9 @@ def report_table(report: dict[str, Any]) -> Table:
     table.add_column("docs", justify="right")
     table.add_column("size", justify="right")
     table.add_column("tokens", justify="right")
-    mb = lambda b: fmt.nbytes(b or 0)  # noqa: E731
+    def mb(b: Any) -> str:
+        return fmt.nbytes(b or 0)
+
     kept = report.get("kept", {})
     table.add_row("[green]kept[/]", f"{kept.get('documents', 0):,}", mb(kept.get("bytes")),
                   f"{kept.get('tokens', 0):,}")
