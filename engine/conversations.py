@@ -12,7 +12,8 @@ reply is considered given; a line cut short by a crash is skipped by the reader.
      "rating": "good" | "bad" | null, "correction": "the reply it should have given" | null}
         about messages[index] (an assistant message) of conversation `id`; a later line overrides.
 
-`training_conversations(path)` is what `workbench prepare --source runs/X/conversations.jsonl` reads:
+`training_conversations(path)` (or `training_records`, the same with what was corrected or left out)
+is what `workbench prepare --source runs/X/conversations.jsonl` reads:
 each conversation as a `messages` list, corrected replies instead of the originals, and the
 conversation cut before any reply rated bad (with the user turn that asked for it).
 This module imports no torch.
@@ -71,29 +72,35 @@ def record_feedback(run: str | Path, conv_id: str, index: int, *, rating: str | 
                                "index": int(index), "rating": rating, "correction": correction})
 
 
-def read_records(path: str | Path) -> Iterator[dict]:
-    """Every well-formed line of this schema, in order; torn or foreign lines are skipped."""
+def read_records(path: str | Path, skipped: dict | None = None) -> Iterator[dict]:
+    """Every well-formed line of this schema, in order; torn or foreign lines are skipped (and counted in
+    `skipped`, when given: "torn_last_line", "not_json", "foreign")."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
         return
+    skipped = {} if skipped is None else skipped
     with f:
         for raw in f:
             if not raw.endswith(b"\n"):
+                skipped["torn_last_line"] = skipped.get("torn_last_line", 0) + 1
                 return  # the last line, still being written or cut by a crash
             try:
                 record = json.loads(raw)
             except ValueError:
+                skipped["not_json"] = skipped.get("not_json", 0) + 1
                 continue
             if isinstance(record, dict) and record.get("schema") == SCHEMA and isinstance(record.get("id"), str):
                 yield record
+            elif raw.strip():
+                skipped["foreign"] = skipped.get("foreign", 0) + 1
 
 
-def conversations(path: str | Path) -> list[dict]:
+def conversations(path: str | Path, skipped: dict | None = None) -> list[dict]:
     """Each conversation's latest state, first-seen order, with `feedback`: {index: {"rating", "correction"}}."""
     convs: dict[str, dict] = {}
     feedback: dict[str, dict[int, dict]] = {}
-    for r in read_records(path):
+    for r in read_records(path, skipped):
         if r.get("type") == "conversation" and isinstance(r.get("messages"), list):
             convs[r["id"]] = r
         elif r.get("type") == "feedback" and isinstance(r.get("index"), int):
@@ -104,12 +111,14 @@ def conversations(path: str | Path) -> list[dict]:
     return [{**c, "feedback": feedback.get(cid, {})} for cid, c in convs.items()]
 
 
-def training_conversations(path: str | Path) -> Iterator[list[dict]]:
-    """Conversations as `messages` lists for chat data: corrections replace replies, and a conversation
-    stops before its first reply rated bad (a corrected reply counts as fixed, whatever its rating).
-    Conversations left without an assistant reply are skipped; the roles are checked by the data pipeline."""
-    for conv in conversations(path):
-        out = []
+def training_records(path: str | Path, skipped: dict | None = None) -> Iterator[dict]:
+    """Each conversation of the log, for chat data: {"id", "messages", "corrected", "cut_at_bad", "left_out"}.
+
+    `messages` is what training_conversations yields ([] when left out); `corrected` the number of replies
+    replaced by their correction; `cut_at_bad` True when a reply rated bad cut it short; `left_out` None,
+    "rated_bad" (nothing left before its first reply rated bad) or "no_reply" (no assistant reply at all)."""
+    for conv in conversations(path, skipped):
+        out, corrected, cut_at_bad = [], 0, False
         for i, m in enumerate(conv["messages"]):
             if not isinstance(m, dict):
                 break
@@ -117,12 +126,27 @@ def training_conversations(path: str | Path) -> Iterator[list[dict]]:
             if m.get("role") == "assistant":
                 if isinstance(fb.get("correction"), str) and fb["correction"].strip():
                     m = {"role": "assistant", "content": fb["correction"]}
+                    corrected += 1
                 elif fb.get("rating") == "bad":
                     if out and out[-1].get("role") == "user":
                         out.pop()
+                    cut_at_bad = True
                     break
             out.append({"role": m.get("role"), "content": m.get("content")})
         if any(m["role"] == "assistant" for m in out):
             while out and out[-1]["role"] != "assistant":
                 out.pop()
-            yield out
+            left_out = None
+        else:
+            out, corrected, left_out = [], 0, "rated_bad" if cut_at_bad else "no_reply"
+        yield {"id": conv["id"], "messages": out, "corrected": corrected, "cut_at_bad": cut_at_bad,
+               "left_out": left_out}
+
+
+def training_conversations(path: str | Path) -> Iterator[list[dict]]:
+    """Conversations as `messages` lists for chat data: corrections replace replies, and a conversation
+    stops before its first reply rated bad (a corrected reply counts as fixed, whatever its rating).
+    Conversations left without an assistant reply are skipped; the roles are checked by the data pipeline."""
+    for record in training_records(path):
+        if record["left_out"] is None:
+            yield record["messages"]

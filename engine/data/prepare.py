@@ -17,7 +17,8 @@ one document goes to each side. With `val_sources`, those sources are the val sp
 Everything is written in a temporary folder beside `out`, renamed into place at the end:
 a failed or killed prepare never leaves a half dataset, nor touches an existing one.
 
-Chat sources (JSONL `messages` or `prompt`/`completion`: sources.source_kind) and
+Chat sources (JSONL `messages` or `prompt`/`completion`, or a run's conversations.jsonl read with its
+feedback, counted in the report's chat.conversation_log: sources.py) and
 `builtin_chat` take the same three passes shaped for conversations, `_prepare_chat`: checked
 by the chat template's rules instead of the text filters, rendered with their loss mask and
 packed best-fit into rows of seq_len + 1 tokens; the layout is in dataset.py.
@@ -52,6 +53,7 @@ from workbench.engine.data.settings import DEFAULT_CHAT_SEQ_LEN, PrepareSettings
 from workbench.engine.data.shards import ShardWriter
 from workbench.engine.data.sources import (
     CHAT_RECORD_REASONS,
+    LOG_PREFIX,
     check_sources,
     read_chat_records,
     read_documents,
@@ -509,6 +511,7 @@ def _prepare_chat(paths, val_paths, s: PrepareSettings, tmp: Path, reused, threa
     counts, keys, sizes, from_val_source = _chat_read_pass(records, kept_path, report_progress,
                                                            _input_size(paths + val_paths))
     stage_seconds = {"read": time.monotonic() - started}
+    log = _conversation_log_counts(stats, counts["dropped"])
     if len(keys) < 2:
         why = ", ".join(f"{r}={row['documents']}" for r, row in counts["dropped"].items() if row["documents"])
         raise DataError(f"{len(keys)} of {counts['input']['documents']} conversations left after checks and dedup"
@@ -547,7 +550,21 @@ def _prepare_chat(paths, val_paths, s: PrepareSettings, tmp: Path, reused, threa
     report["chat"] = {**chat, "per_split": {split: dict(c) for split, c in per_split.items()},
                       "dropped": {r: row["documents"] for r, row in counts["dropped"].items() if row["documents"]},
                       "reasons": {r: CHAT_DROP_REASONS[r] for r, row in counts["dropped"].items() if row["documents"]}}
+    if log:
+        report["chat"]["conversation_log"] = log
     return report
+
+
+def _conversation_log_counts(stats: Counter, dropped: dict) -> dict:
+    """What the conversation logs among the sources gave (sources.py), moved out of `stats`; {} when none:
+    conversations, used, replies_corrected, cut_at_bad_reply, left_out by reason, skipped_lines by why."""
+    found = {k[len(LOG_PREFIX):]: stats.pop(k) for k in sorted(stats) if k.startswith(LOG_PREFIX)}
+    if not found:
+        return {}
+    log = {k: found.get(k, 0) for k in ("conversations", "used", "replies_corrected", "cut_at_bad_reply")}
+    log["left_out"] = {r: dropped[r]["documents"] for r in ("rated_bad", "no_reply")}
+    log["skipped_lines"] = {k.split(".", 1)[1]: n for k, n in found.items() if k.startswith("skipped_lines.")}
+    return log
 
 
 def _check_not_empty(counts: dict, stats: Counter, n_kept: int) -> None:

@@ -26,6 +26,16 @@ for a whole prepare: chat when every file is a chat file, plain text when none i
 conversations inside a text-first JSONL are flattened), and an error naming one of each when
 they mix. `read_chat_records` reads chat files record by record; a record that is not JSON or
 not a conversation is yielded with its reason (CHAT_RECORD_REASONS), never fatal here.
+
+Conversation logs. A run's conversations.jsonl (workbench.engine.conversations) is known by its
+records' shape, not its name (a renamed or copied log is still one): its first JSON record has the
+log's `schema` and a `type` of "conversation" or "feedback". It is chat data read through
+`training_records`: one record per conversation (its latest state, source "path:<conversation id>"),
+corrected replies instead of the originals, cut before a reply rated bad; a conversation with nothing
+left is yielded with reason "rated_bad" or "no_reply". What the log gave is counted in `stats` under
+LOG_PREFIX ("conversation_log.conversations", ".used", ".replies_corrected", ".cut_at_bad_reply",
+".skipped_lines.<why>"); prepare moves those into the report's chat section. With --flatten-chat a
+log's conversations (the same ones) are flattened like any chat record.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from workbench.engine import conversations as conversation_log
 from workbench.engine.chat import ChatError, render_text
 from workbench.engine.errors import DataError
 
@@ -49,7 +60,10 @@ SNIFF_LINES = 100  # a JSONL file's kind is that of its first JSON record within
 CHAT_RECORD_REASONS = {
     "not_json": "a line that is not a JSON object",
     "not_a_conversation": "a record without messages, or prompt and completion",
+    "rated_bad": "a logged conversation with nothing left before its first reply rated bad",
+    "no_reply": "a logged conversation with no assistant reply",
 }
+LOG_PREFIX = "conversation_log."  # the counts of a conversation log's reading, in `stats`
 
 
 def check_sources(paths: Iterable[str | Path]) -> list[Path]:
@@ -171,7 +185,11 @@ def read_documents(paths: Iterable[Path], stats: Counter,
                 continue
             stats["files_read"] += 1
             stats["bytes_read"] += path.stat().st_size
-            if path.suffix.lower() in JSONL_SUFFIXES:
+            if path.suffix.lower() in JSONL_SUFFIXES and _sniff(path) == "log":
+                for rec in _log_records(path, stats):
+                    if rec.messages:
+                        yield rec.source, render_text(rec.messages)
+            elif path.suffix.lower() in JSONL_SUFFIXES:
                 yield from _jsonl_documents(path, doc_chars, stats)
             else:
                 yield from _text_documents(path, doc_chars)
@@ -194,8 +212,19 @@ def record_messages(obj) -> list | None:
     return messages
 
 
+def _is_log_record(obj) -> bool:
+    return (isinstance(obj, dict) and obj.get("schema") == conversation_log.SCHEMA
+            and obj.get("type") in ("conversation", "feedback") and isinstance(obj.get("id"), str))
+
+
 def _jsonl_kind(path: Path) -> str | None:
     """"chat" or "text" by the first JSON record of a .jsonl file; None when there is none to go by."""
+    kind = _sniff(path)
+    return "chat" if kind == "log" else kind
+
+
+def _sniff(path: Path) -> str | None:
+    """"log" (a conversation log), "chat" or "text" by the first JSON record of a .jsonl file, or None."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in itertools.islice(f, SNIFF_LINES):
@@ -203,6 +232,8 @@ def _jsonl_kind(path: Path) -> str | None:
                     obj = json.loads(line)
                 except ValueError:
                     continue
+                if _is_log_record(obj):
+                    return "log"
                 if isinstance(obj, dict) and ("messages" in obj or "prompt" in obj):
                     return "chat"
                 if isinstance(obj, dict) and "text" in obj:
@@ -251,6 +282,9 @@ def read_chat_records(paths: Iterable[Path], stats: Counter) -> Iterator[ChatRec
                 continue
             stats["files_read"] += 1
             stats["bytes_read"] += path.stat().st_size
+            if path.suffix.lower() in JSONL_SUFFIXES and _sniff(path) == "log":
+                yield from _log_records(path, stats)
+                continue
             with open(path, encoding="utf-8") as f:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
@@ -269,3 +303,19 @@ def read_chat_records(paths: Iterable[Path], stats: Counter) -> Iterator[ChatRec
                         continue
                     reason = "not_a_conversation" if messages is None else None
                     yield ChatRecord(source, messages, reason, nbytes)
+
+
+def _log_records(path: Path, stats: Counter) -> Iterator[ChatRecord]:
+    """A conversation log's conversations as chat records (the module doc's rules), counted in `stats`."""
+    skipped: dict[str, int] = {}
+    for r in conversation_log.training_records(path, skipped):
+        messages = r["messages"] or None
+        nbytes = sum(len(str(m.get("content", "")).encode("utf-8")) for m in r["messages"])
+        stats["jsonl_records"] += 1
+        stats[LOG_PREFIX + "conversations"] += 1
+        stats[LOG_PREFIX + "used"] += messages is not None
+        stats[LOG_PREFIX + "replies_corrected"] += r["corrected"]
+        stats[LOG_PREFIX + "cut_at_bad_reply"] += bool(messages and r["cut_at_bad"])
+        yield ChatRecord(f"{path}:{r['id']}", messages, r["left_out"], nbytes)
+    for why, n in skipped.items():
+        stats[LOG_PREFIX + "skipped_lines." + why] += n
