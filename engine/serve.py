@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import socket
 import threading
 import time
@@ -38,7 +37,7 @@ from typing import Any
 from workbench.engine import conversations as convlog
 from workbench.engine.chat import ChatError
 from workbench.engine.errors import WorkbenchError
-from workbench.engine.process.server import socket_address
+from workbench.engine.process.server import listen_private, socket_address
 
 SOCKET_NAME = "serve.sock"
 MAX_REQUEST_BYTES = 1 << 20  # one request (a socket line or an HTTP body)
@@ -270,13 +269,7 @@ class ServeSocket:
             if _answers(self.path):
                 raise WorkbenchError(f"{self.path} is already being served (another `workbench serve` runs)")
             self.path.unlink()  # a stale socket from a service that died
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with socket_address(self.path) as address:
-            sock.bind(address)
-        os.chmod(self.path, 0o600)  # before listen(): nobody can connect at a wider mode
-        sock.listen(16)
-        sock.settimeout(0.25)  # so the accept loop notices close()
-        self._sock = sock
+        self._sock = listen_private(self.path, 16)
         threading.Thread(target=self._accept_loop, name="serve-accept", daemon=True).start()
         return self
 

@@ -40,6 +40,18 @@ def socket_address(path: str | Path) -> Iterator[str]:
         os.close(fd)
 
 
+def listen_private(path: Path, backlog: int) -> socket.socket:
+    """A listening Unix socket at `path` that only this user can connect to (mode 0600), with a
+    short accept timeout so that an accept loop notices when it is closed."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with socket_address(path) as address:
+        sock.bind(address)
+    os.chmod(path, 0o600)  # nobody can connect before listen(): there is no window at 0644
+    sock.listen(backlog)
+    sock.settimeout(0.25)
+    return sock
+
+
 Handler = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
@@ -63,14 +75,7 @@ class ControlServer:
 
     def start(self) -> ControlServer:
         self.path.unlink(missing_ok=True)  # a stale socket from a dead engine (we hold the run's lock)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with socket_address(self.path) as address:
-            sock.bind(address)
-        # nobody can connect before listen(): set the mode first, so there is no window at 0644
-        os.chmod(self.path, 0o600)
-        sock.listen(socket.SOMAXCONN)
-        sock.settimeout(0.25)  # so the accept loop notices close()
-        self._sock = sock
+        self._sock = listen_private(self.path, socket.SOMAXCONN)
         self._thread.start()
         return self
 
