@@ -176,23 +176,28 @@ def _walk(path: Path, stats: Counter) -> Iterator[Path]:
                 stats["files_ignored_type"] += 1
 
 
+def _readable_files(paths: Iterable[Path], stats: Counter) -> Iterator[Path]:
+    """Every file under `paths` of a kind we read, counted in `stats` (files_read, bytes_read)."""
+    for top in paths:
+        for path in _walk(Path(top), stats):
+            if _file_kind(path, stats):
+                stats["files_read"] += 1
+                stats["bytes_read"] += path.stat().st_size
+                yield path
+
+
 def read_documents(paths: Iterable[Path], stats: Counter,
                    doc_chars: int = DEFAULT_DOC_CHARS) -> Iterator[tuple[str, str]]:
     """Yield (source, raw text) for every document under `paths`; fills `stats` as it goes."""
-    for top in paths:
-        for path in _walk(Path(top), stats):
-            if not _file_kind(path, stats):
-                continue
-            stats["files_read"] += 1
-            stats["bytes_read"] += path.stat().st_size
-            if path.suffix.lower() in JSONL_SUFFIXES and _sniff(path) == "log":
-                for rec in _log_records(path, stats):
-                    if rec.messages:
-                        yield rec.source, render_text(rec.messages)
-            elif path.suffix.lower() in JSONL_SUFFIXES:
-                yield from _jsonl_documents(path, doc_chars, stats)
-            else:
-                yield from _text_documents(path, doc_chars)
+    for path in _readable_files(paths, stats):
+        if path.suffix.lower() in JSONL_SUFFIXES and _sniff(path) == "log":
+            for rec in _log_records(path, stats):
+                if rec.messages:
+                    yield rec.source, render_text(rec.messages)
+        elif path.suffix.lower() in JSONL_SUFFIXES:
+            yield from _jsonl_documents(path, doc_chars, stats)
+        else:
+            yield from _text_documents(path, doc_chars)
 
 
 def record_messages(obj) -> list | None:
@@ -276,33 +281,28 @@ class ChatRecord:
 
 def read_chat_records(paths: Iterable[Path], stats: Counter) -> Iterator[ChatRecord]:
     """Every record of the chat files under `paths`; fills `stats` as read_documents does."""
-    for top in paths:
-        for path in _walk(Path(top), stats):
-            if not _file_kind(path, stats):
-                continue
-            stats["files_read"] += 1
-            stats["bytes_read"] += path.stat().st_size
-            if path.suffix.lower() in JSONL_SUFFIXES and _sniff(path) == "log":
-                yield from _log_records(path, stats)
-                continue
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    source, nbytes = f"{path}:{lineno}", len(line.encode("utf-8"))
-                    stats["jsonl_records"] += 1
-                    try:
-                        obj = json.loads(line)
-                    except ValueError:
-                        yield ChatRecord(source, None, "not_json", nbytes)
-                        continue
-                    try:
-                        messages = record_messages(obj)
-                    except ChatError as e:
-                        yield ChatRecord(source, None, e.reason, nbytes)
-                        continue
-                    reason = "not_a_conversation" if messages is None else None
-                    yield ChatRecord(source, messages, reason, nbytes)
+    for path in _readable_files(paths, stats):
+        if path.suffix.lower() in JSONL_SUFFIXES and _sniff(path) == "log":
+            yield from _log_records(path, stats)
+            continue
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                source, nbytes = f"{path}:{lineno}", len(line.encode("utf-8"))
+                stats["jsonl_records"] += 1
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    yield ChatRecord(source, None, "not_json", nbytes)
+                    continue
+                try:
+                    messages = record_messages(obj)
+                except ChatError as e:
+                    yield ChatRecord(source, None, e.reason, nbytes)
+                    continue
+                reason = "not_a_conversation" if messages is None else None
+                yield ChatRecord(source, messages, reason, nbytes)
 
 
 def _log_records(path: Path, stats: Counter) -> Iterator[ChatRecord]:
