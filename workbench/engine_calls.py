@@ -315,3 +315,52 @@ def delete_checkpoint(run: str | Path, checkpoint: str) -> None:
         else:
             rd.latest_pointer.unlink(missing_ok=True)
     shutil.rmtree(target)
+
+
+# ---------------------------------------------------------------- chat
+
+def start_chat_service(run: str | Path, timeout: float = START_TIMEOUT_S) -> tuple[subprocess.Popen, dict[str, Any]]:
+    """Start `workbench serve RUN` as a child; return it and its `service_info` once serve.sock answers.
+
+    Raises EngineCallError with the service's own error line if it exits first or does not answer in
+    time (the child is then stopped). Stop it with `stop_chat_service`."""
+    import time
+
+    from workbench.engine.serve import ServiceNotRunning, service_info
+
+    err = tempfile.TemporaryFile("w+t")
+    child = subprocess.Popen(engine_command("serve", str(run)), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=err, text=True, env=child_env())
+    child.stderr_file = err  # type: ignore[attr-defined]  # read for the base-model warning / errors
+    deadline = time.monotonic() + timeout
+    while True:
+        rc = child.poll()
+        if rc is not None:
+            err.seek(0)
+            message = error_line(err.read(), rc)
+            err.close()
+            raise EngineCallError(f"`workbench serve` failed: {message}")
+        try:
+            return child, service_info(run)
+        except (ServiceNotRunning, WorkbenchError, OSError, ValueError, StopIteration):
+            pass
+        if time.monotonic() > deadline:
+            stop_chat_service(child)
+            raise EngineCallError(f"`workbench serve` did not answer on serve.sock within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def stop_chat_service(child: subprocess.Popen | None) -> None:
+    """End a service started by start_chat_service (SIGTERM, then SIGKILL after 5 s)."""
+    if child is None:
+        return
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    err = getattr(child, "stderr_file", None)
+    if err is not None:
+        err.close()

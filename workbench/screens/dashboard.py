@@ -82,7 +82,8 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
         Binding("t", "toggle_axis", "Steps/tokens", tooltip="Plot loss against steps or tokens", show=False),
         Binding("l", "toggle_pane", "Log/samples", tooltip="Show the log or the latest samples", show=False),
         Binding("r", "rate", "Rate", tooltip="Blind A/B rating of this run's checkpoints"),
-        Binding("b", "leaderboard", "Board", tooltip="Checkpoints ranked by Bradley-Terry strength"),
+        Binding("b", "leaderboard", "Board", tooltip="Checkpoints ranked by Bradley-Terry strength", show=False),
+        Binding("h", "chat", "Chat", tooltip="Chat with the latest checkpoint, rate replies"),
         Binding("escape", "back", "Back", tooltip="Back to the previous screen (training goes on)", show=False),
     ]
 
@@ -92,7 +93,7 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
     LONG_NAMES = {"pause": "Pause training", "resume": "Resume training", "save": "Save checkpoint",
                   "eval": "Evaluate now", "sample": "Sample now", "stop": "Stop training",
                   "toggle_axis": "Steps/tokens axis", "toggle_pane": "Log/samples pane",
-                  "rate": "Rate samples", "leaderboard": "Leaderboard"}
+                  "rate": "Rate samples", "leaderboard": "Leaderboard", "chat": "Chat with the run"}
 
     DEFAULT_CSS = """
     DashboardScreen { layout: vertical; }
@@ -371,6 +372,11 @@ screen or quit the app. Stop asks first, then saves a checkpoint before the engi
         from workbench.screens.leaderboard import LeaderboardScreen
 
         self.app.push_screen(LeaderboardScreen(self.run_dir))
+
+    def action_chat(self) -> None:
+        from workbench.screens.chat import ChatScreen
+
+        self.app.push_screen(ChatScreen(self.run_dir))
 
     def action_back(self) -> None:
         if len(self.app.screen_stack) > 1:

@@ -122,14 +122,15 @@ data folder) and trains the tiny preset on whatever hardware there is.
         Binding("x", "stop", "Stop", tooltip="Save a checkpoint and stop the engine"),
         Binding("c", "checkpoints", "Ckpts", tooltip="Checkpoints: resume from one, fork, delete"),
         Binding("a", "rate", "Rate", tooltip="Rate samples blind, side by side"),
-        Binding("b", "leaderboard", "Board", tooltip="Checkpoints ranked by blind ratings"),
+        Binding("b", "leaderboard", "Board", tooltip="Checkpoints ranked by blind ratings", show=False),
+        Binding("h", "chat", "Chat", tooltip="Chat with the latest checkpoint, rate replies"),
         Binding("d", "delete", "Delete", tooltip="Delete the run folder (asks first)"),
     ]
 
     # the footer is 80 columns wide; the palette and help spell these out
     LONG_NAMES = {"open": "Open dashboard", "new_run": "New run", "resume": "Resume run", "stop": "Stop run",
                   "checkpoints": "Checkpoints", "rate": "Rate samples", "leaderboard": "Leaderboard",
-                  "delete": "Delete run"}
+                  "chat": "Chat with the run", "delete": "Delete run"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -285,7 +286,7 @@ data folder) and trains the tiny preset on whatever hardware there is.
         run = self.selected()
         if action == "open":
             return run is not None or False
-        if action in ("resume", "stop", "checkpoints", "rate", "leaderboard", "delete"):
+        if action in ("resume", "stop", "checkpoints", "rate", "leaderboard", "chat", "delete"):
             if run is None:
                 return False  # nothing to act on: keep the footer for what can be done
             state = run["state"]
@@ -342,6 +343,13 @@ data folder) and trains the tiny preset on whatever hardware there is.
             from workbench.screens.rating import RatingScreen
 
             self.app.push_screen(RatingScreen(Path(run["path"])))
+
+    def action_chat(self) -> None:
+        run = self.selected()
+        if run is not None:
+            from workbench.screens.chat import ChatScreen
+
+            self.app.push_screen(ChatScreen(Path(run["path"])))
 
     def action_leaderboard(self) -> None:
         run = self.selected()
