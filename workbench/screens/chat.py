@@ -153,6 +153,10 @@ starts a new conversation. A base (not chat-tuned) model continues text rather t
 
     def _service_ready(self, info: dict[str, Any]) -> None:
         self.info = info
+        context = info.get("context")
+        if isinstance(context, int) and self.settings["max_tokens"] >= context - 4:
+            # a reply must leave room for the prompt: half the context, as the service's own default
+            self.settings["max_tokens"] = max(1, context // 2)
         if not info.get("chat_tuned"):
             self.warning = (f"warning: {self.run_dir.name} is a base model, not chat-tuned: "
                             "replies continue text rather than answer")
