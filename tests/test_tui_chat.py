@@ -45,6 +45,8 @@ def test_chat_streams_replies_and_records_feedback(trained_run, tmp_path):
             await wait_for(pilot, lambda: screen.info is not None, timeout=180, what="the chat service")
             assert "base model" in str(screen.query_one("#chat-warning", Static).render())
             assert isinstance(app.focused, Input) and app.focused.id == "chat-input"
+            # the default reply length was cut to fit this 32-token model's context
+            assert screen.settings["max_tokens"] == screen.info["context"] // 2
 
             await pilot.press("ctrl+t")  # settings: a short reply, greedy-ish
             edit = screen.query_one("#chat-edit", Input)
