@@ -1,6 +1,7 @@
 """End to end in a real terminal: the `workbench` command inside tmux at 80x24, driven with
 send-keys and read with capture-pane, from an empty folder through quick start to a visible loss;
-then quitting the app leaves the engine training to the end."""
+then quitting the app leaves the engine training to the end. And the chat screen: a streamed
+reply from a warm service, and feedback written to the run's conversations.jsonl."""
 
 from __future__ import annotations
 
@@ -95,3 +96,30 @@ def test_quick_start_in_tmux_to_a_visible_loss(tmp_path):
         assert time.monotonic() < deadline, "the engine did not finish"
         time.sleep(0.5)
     assert (run / "checkpoints" / f"step_{STEPS:06d}" / "state.json").is_file()
+
+
+def test_chat_in_tmux_streams_a_reply_and_records_feedback(trained_run, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(trained_run, runs / "base",
+                    ignore=shutil.ignore_patterns("engine.*", "conversations.jsonl", "ratings.jsonl"))
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+           "TERM": "xterm-256color"}
+    term = Tmux(tmp_path, workbench_command(), env)
+    try:
+        term.wait_for(r"base\s+finished", timeout=30)
+        term.keys("h")  # the chat screen starts a warm `workbench serve` child
+        term.wait_for(r"message; enter sends", timeout=120)
+        term.wait_for(r"base model, not chat-tuned", timeout=10)
+        term.keys("The", "Enter")
+        term.wait_for(r"model: \S", timeout=60)
+        term.wait_for(r"tokens", timeout=60)  # the status line once the reply has ended
+        print("the chat screen:\n" + term.screen())
+        term.keys("C-g")
+        term.keys("Escape")
+        term.wait_for(r"base\s+finished", timeout=30)
+        term.keys("q")
+        term.wait_for(r"\[exited 0\]", timeout=15)
+    finally:
+        term.close()
+    lines = (runs / "base" / "conversations.jsonl").read_text().splitlines()
+    assert '"type":"conversation"' in lines[0] and '"rating":"good"' in lines[-1]
