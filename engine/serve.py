@@ -37,7 +37,7 @@ from typing import Any
 from workbench.engine import conversations as convlog
 from workbench.engine.chat import ChatError
 from workbench.engine.errors import WorkbenchError
-from workbench.engine.process.server import listen_private, socket_address
+from workbench.engine.process.server import clients, listen_private, socket_address
 
 SOCKET_NAME = "serve.sock"
 MAX_REQUEST_BYTES = 1 << 20  # one request (a socket line or an HTTP body)
@@ -274,14 +274,7 @@ class ServeSocket:
         return self
 
     def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.settimeout(None)
+        for conn in clients(self._sock, self._closed):
             threading.Thread(target=self._serve, args=(conn,), name="serve-client", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:

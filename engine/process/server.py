@@ -52,6 +52,20 @@ def listen_private(path: Path, backlog: int) -> socket.socket:
     return sock
 
 
+def clients(sock: socket.socket, closed: threading.Event) -> Iterator[socket.socket]:
+    """Each client of a listen_private socket (in blocking mode) until `closed` is set or the
+    socket is closed; the accept timeout is what lets the loop notice."""
+    while not closed.is_set():
+        try:
+            conn, _ = sock.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        conn.settimeout(None)
+        yield conn
+
+
 Handler = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
@@ -80,14 +94,7 @@ class ControlServer:
         return self
 
     def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.settimeout(None)
+        for conn in clients(self._sock, self._closed):
             with self._lock:
                 crowded = len(self._clients) >= MAX_CLIENTS
                 if not crowded:
